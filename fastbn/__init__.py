@@ -1,0 +1,32 @@
+"""fastbn: fast, accurate batch normalization for NumPy with fused Numba kernels.
+
+>>> import numpy as np, fastbn
+>>> x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+>>> y, cache = fastbn.batch_norm(x, np.ones(16, np.float32), np.zeros(16, np.float32))
+>>> dx, dgamma, dbeta = fastbn.batch_norm_backward(np.ones_like(y), cache)
+
+See ``fastbn.batch_norm``, ``fastbn.batch_norm_backward``, ``fastbn.BatchNorm`` and
+``fastbn.reference`` (the naive NumPy implementation with the same signatures).
+"""
+
+from . import reference
+
+# _threading first among the kernels' users: it picks the threading layer before any kernel.
+from ._threading import get_num_threads, num_threads, set_num_threads, threading_layer_name
+from .functional import BatchNormCache, batch_norm, batch_norm_backward
+from .layer import BatchNorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_backward",
+    "BatchNorm",
+    "BatchNormCache",
+    "reference",
+    "set_num_threads",
+    "get_num_threads",
+    "num_threads",
+    "threading_layer_name",
+    "__version__",
+]

@@ -1,0 +1,88 @@
+"""Numba threading: a thread-safe layer, and the number of threads fastbn uses.
+
+fastbn selects a thread-safe Numba threading layer before any parallel kernel
+runs: ``omp`` (GNU OpenMP, present on most Linux systems), else ``tbb`` (when the
+``tbb`` package is installed). If neither is available Numba's ``workqueue`` layer
+is used, which aborts the process when parallel code is entered from two Python
+threads at once, so fastbn then serializes its parallel calls with a lock.
+A ``NUMBA_THREADING_LAYER`` set by the user is respected (and a ``workqueue``
+choice is serialized the same way).
+
+Results never depend on the thread count: work is partitioned by data size.
+"""
+
+import contextlib
+import os
+import threading
+
+import numba
+
+__all__ = ["set_num_threads", "get_num_threads", "num_threads", "threading_layer_name"]
+
+
+def _importable(module):
+    try:
+        __import__(module)
+    except Exception:  # ImportError, or OSError for a missing shared library
+        return False
+    return True
+
+
+def _choose_layer():
+    requested = os.environ.get("NUMBA_THREADING_LAYER", "").strip().lower()
+    if requested and requested != "default":
+        return requested
+    if _importable("numba.np.ufunc.omppool"):
+        return "omp"
+    if _importable("numba.np.ufunc.tbbpool"):
+        return "tbb"
+    return "workqueue"
+
+
+_LAYER = _choose_layer()
+numba.config.THREADING_LAYER = _LAYER
+_SERIALIZE = _LAYER == "workqueue"
+_lock = threading.Lock()
+
+
+def threading_layer_name():
+    """The Numba threading layer fastbn asked for (``omp``, ``tbb`` or ``workqueue``)."""
+    return _LAYER
+
+
+def parallel_call(fn, *args):
+    """Call a ``parallel=True`` kernel, serialized when the layer is not thread-safe."""
+    if _SERIALIZE:
+        with _lock:
+            return fn(*args)
+    return fn(*args)
+
+
+def set_num_threads(n):
+    """Use ``n`` threads for fastbn's parallel kernels in the calling Python thread.
+
+    ``n`` must be between 1 and ``numba.config.NUMBA_NUM_THREADS``. Like Numba's own
+    setting, it is per calling thread. Results are bitwise the same for any ``n``.
+    """
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
+    limit = numba.config.NUMBA_NUM_THREADS
+    if not 1 <= n <= limit:
+        raise ValueError(f"set_num_threads: n must be in [1, {limit}], got {n}")
+    numba.set_num_threads(n)
+
+
+def get_num_threads():
+    """The number of threads fastbn's parallel kernels use in the calling thread."""
+    return numba.get_num_threads()
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    """Context manager: ``with fastbn.num_threads(1): ...`` restores the old count."""
+    old = get_num_threads()
+    set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)

@@ -1,0 +1,256 @@
+"""Functional batch normalization: ``batch_norm`` and ``batch_norm_backward``.
+
+Validation and views come from ``_checks``, the passes over memory from
+``_launch``/``_kernels``. Semantics follow PyTorch's ``F.batch_norm``.
+"""
+
+import numpy as np
+
+from . import _checks, _launch
+
+__all__ = ["batch_norm", "batch_norm_backward", "BatchNormCache"]
+
+
+class BatchNormCache:
+    """What ``batch_norm_backward`` needs from a forward call; O(C) memory.
+
+    Attributes: ``x`` (the forward input, by reference), ``mean``, ``invstd``
+    (float64, shape ``(C,)``, the statistics used to normalize), ``gamma``,
+    ``has_beta``, ``training``, ``axis``, ``shape``. ``xhat`` is never stored:
+    backward recomputes it from ``x``.
+    """
+
+    __slots__ = (
+        "x",
+        "x_flat",
+        "view",
+        "plan",
+        "gamma",
+        "gamma_dtype",
+        "beta_dtype",
+        "mean",
+        "invstd",
+        "training",
+    )
+
+    def __init__(
+        self, x, x_flat, view, plan, gamma, beta, mean, invstd, training, gamma_dtype=None
+    ):
+        self.x, self.x_flat, self.view, self.plan = x, x_flat, view, plan
+        self.gamma = gamma
+        self.gamma_dtype = gamma_dtype
+        self.beta_dtype = None if beta is None else beta.dtype
+        self.mean, self.invstd, self.training = mean, invstd, training
+
+    @property
+    def axis(self):
+        return self.view.axis
+
+    @property
+    def shape(self):
+        return self.view.shape
+
+    @property
+    def has_beta(self):
+        return self.beta_dtype is not None
+
+    def __repr__(self):
+        return (
+            f"BatchNormCache(shape={self.shape}, axis={self.axis}, dtype={self.view.dtype}, "
+            f"training={self.training})"
+        )
+
+
+def batch_norm(
+    x,
+    gamma=None,
+    beta=None,
+    *,
+    training=True,
+    running_mean=None,
+    running_var=None,
+    momentum=0.1,
+    eps=1e-5,
+    axis=1,
+    out=None,
+):
+    """Batch normalization forward.
+
+    Parameters
+    ----------
+    x : ndarray, float16/float32/float64, ndim >= 2
+        Input. ``axis`` is its channel axis; statistics reduce over all other axes:
+        ``(N, D)``, ``(N, C, L)``, ``(N, C, H, W)`` with ``axis=1``, channels-last
+        with ``axis=-1``. Any memory layout is accepted (non-contiguous inputs
+        that are not channels-last in memory are copied once).
+    gamma, beta : ndarray of shape ``(C,)`` or None
+        Scale and shift; None means 1 and 0 (no affine).
+    training : bool
+        True: normalize with the batch mean and biased batch variance, and update
+        the running statistics if given. False: normalize with ``running_mean``
+        and ``running_var`` (both required).
+    running_mean, running_var : ndarray of shape ``(C,)``, float32/float64, or None
+        Updated in place when training: ``running = (1 - momentum) * running +
+        momentum * batch``, with the unbiased batch variance for ``running_var``.
+    momentum : float in [0, 1]
+    eps : float > 0
+        Added to the variance before the square root.
+    axis : int
+        The channel axis.
+    out : ndarray or None
+        Receives ``y``; same shape and dtype as ``x``, must not overlap ``x``.
+
+    Returns
+    -------
+    y : ndarray, shape and dtype of ``x`` (and its memory layout when new)
+    cache : BatchNormCache
+        For ``batch_norm_backward``. It refers to ``x``: do not modify ``x``
+        before the backward call.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For bad arguments, with the argument's name, shape and dtype. ValueError
+        when training with a single value per channel.
+    """
+    x, view = _checks.view_of(x, axis)
+    C = view.C
+    gamma = _checks.channel_param(gamma, "gamma", C)
+    beta = _checks.channel_param(beta, "beta", C)
+    eps = _checks.check_eps(eps)
+    training = bool(training)
+    if training:
+        running_mean = _checks.channel_param(running_mean, "running_mean", C, writable=True)
+        running_var = _checks.channel_param(running_var, "running_var", C, writable=True)
+        if running_mean is not None or running_var is not None:
+            momentum = _checks.check_momentum(momentum)
+        if view.per_channel <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got "
+                f"input of shape {view.shape} with channel axis {view.axis}"
+            )
+    else:
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean and running_var are required when training=False")
+        running_mean = _checks.channel_param(running_mean, "running_mean", C)
+        running_var = _checks.channel_param(running_var, "running_var", C)
+    if out is not None:
+        out = _checks.check_out(out, view, [("x", x, False)])
+
+    plan = _launch.plan_for(view.outer, C, view.inner)
+    x_flat = view.flat(x)
+    if training:
+        mean, var = (
+            _launch.moments(plan, x_flat) if x.size else (np.full(C, np.nan), np.full(C, np.nan))
+        )
+    else:
+        mean, var = _checks.as_float64(running_mean), _checks.as_float64(running_var)
+    invstd = 1.0 / np.sqrt(var + eps)
+    gamma64 = None if gamma is None else np.array(gamma, dtype=np.float64)  # a snapshot
+    scale = invstd if gamma is None else invstd * gamma64
+    shift = np.zeros(C) if beta is None else _checks.as_float64(beta)
+
+    y, y_flat = _output(view, out)
+    if x.size:
+        _launch.affine(plan, x_flat, y_flat, mean, scale, shift)
+    y = _finish(view, y, out)
+
+    if training:
+        _update_running(running_mean, running_var, mean, var, momentum, view.per_channel)
+    cache = BatchNormCache(
+        x,
+        x_flat,
+        view,
+        plan,
+        gamma64,
+        beta,
+        mean,
+        invstd,
+        training,
+        None if gamma is None else gamma.dtype,
+    )
+    return y, cache
+
+
+def batch_norm_backward(dy, cache, *, out=None):
+    """Batch normalization backward.
+
+    Parameters
+    ----------
+    dy : ndarray, shape and float dtype of the forward ``x``
+        Gradient of the loss with respect to ``y``.
+    cache : BatchNormCache
+        The second value returned by ``batch_norm``.
+    out : ndarray or None
+        Receives ``dx``; shape and dtype of ``x``. May be ``dy`` itself (the update
+        is elementwise), must not otherwise overlap ``dy`` or ``x``.
+
+    Returns
+    -------
+    dx : ndarray, shape and dtype of ``x``
+    dgamma, dbeta : ndarray of shape ``(C,)`` in the dtype of gamma / beta, or None
+        when the forward call had no gamma / beta.
+
+    In training mode the batch statistics depend on ``x``, which gives the full
+    batch-norm gradient; in eval mode they are constants and ``dx = dy * gamma *
+    invstd``.
+    """
+    if not isinstance(cache, BatchNormCache):
+        raise TypeError(
+            f"cache must be the BatchNormCache returned by fastbn.batch_norm, "
+            f"got {type(cache).__name__}"
+        )
+    view, plan = cache.view, cache.plan
+    dy = _checks.check_same_shape(dy, "dy", view)
+    if out is not None:
+        out = _checks.check_out(out, view, [("dy", dy, True), ("x", cache.x, False)])
+    C, M = view.C, view.per_channel
+    dy_flat = view.flat(dy)
+    if dy.size:
+        sum_dy, sum_dy_xc = _launch.grad_sums(plan, dy_flat, cache.x_flat, cache.mean)
+    else:
+        sum_dy, sum_dy_xc = np.zeros(C), np.zeros(C)
+    invstd = cache.invstd
+    dgamma_raw = sum_dy_xc * invstd
+    g = invstd if cache.gamma is None else cache.gamma * invstd
+    if cache.training:
+        p = -g * (invstd * invstd) * (sum_dy_xc / M)
+        q = -g * (sum_dy / M)
+    else:
+        p = np.zeros(C)
+        q = np.zeros(C)
+    dx, dx_flat = _output(view, out)
+    if dy.size:
+        _launch.affine(plan, cache.x_flat, dx_flat, cache.mean, p, q, dy=dy_flat, g=g)
+    dx = _finish(view, dx, out)
+    dgamma = None if cache.gamma_dtype is None else dgamma_raw.astype(cache.gamma_dtype)
+    dbeta = None if cache.beta_dtype is None else sum_dy.astype(cache.beta_dtype)
+    return dx, dgamma, dbeta
+
+
+def _output(view, out):
+    """``(array, flat buffer)`` to write into: ``out`` itself when it can be, else new."""
+    if out is not None:
+        flat = view.writable_flat(out)
+        if flat is not None:
+            return out, flat
+    return view.empty()
+
+
+def _finish(view, result, out):
+    """Copy into ``out`` when it could not be written directly; cast float16 back."""
+    if out is not None:
+        if result is not out:
+            out[...] = result
+        return out
+    if result.dtype != view.dtype:
+        result = result.astype(view.dtype)
+    return result
+
+
+def _update_running(running_mean, running_var, mean, var, momentum, n):
+    if running_mean is not None:
+        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+    if running_var is not None:
+        unbiased = var * (n / (n - 1))
+        running_var[...] = (1.0 - momentum) * running_var + momentum * unbiased
