@@ -351,3 +351,124 @@ def merge_sums(s1, s2, sum1, sum2):
             b += s2[blk, c]
         sum1[c] = a
         sum2[c] = b
+
+
+# -- whole operations: one dispatch from Python per call ----------------------------------
+#
+# ``plan`` is the int64 array (outer, C, inner, block_len, nblocks, nsplit, split_width,
+# ntasks, parallel) from ``fastbn._launch.Plan``; ``counts`` the values per block.
+
+
+@_jit
+def _reduce(plan, a, b, sa, sb, from_block):
+    outer, C, inner, block_len, nblocks, nsplit, split_width, ntasks, par = (
+        plan[0],
+        plan[1],
+        plan[2],
+        plan[3],
+        plan[4],
+        plan[5],
+        plan[6],
+        plan[7],
+        plan[8],
+    )
+    s1 = np.empty((nblocks, C))
+    s2 = np.empty((nblocks, C))
+    shift = np.empty((nblocks, C))
+    if par:
+        reduce_parallel(
+            ntasks,
+            a,
+            b,
+            outer,
+            C,
+            inner,
+            block_len,
+            nsplit,
+            split_width,
+            sa,
+            sb,
+            from_block,
+            s1,
+            s2,
+            shift,
+        )
+    else:
+        reduce_serial(
+            ntasks,
+            a,
+            b,
+            outer,
+            C,
+            inner,
+            block_len,
+            nsplit,
+            split_width,
+            sa,
+            sb,
+            from_block,
+            s1,
+            s2,
+            shift,
+        )
+    return s1, s2, shift
+
+
+@_jit
+def _affine(plan, x, dy, out, m, p, q, g, with_dy):
+    outer, C, inner, block_len, nsplit, split_width, ntasks, par = (
+        plan[0],
+        plan[1],
+        plan[2],
+        plan[3],
+        plan[5],
+        plan[6],
+        plan[7],
+        plan[8],
+    )
+    if par:
+        affine_parallel(
+            ntasks, x, dy, out, outer, C, inner, block_len, nsplit, split_width, m, p, q, g, with_dy
+        )
+    else:
+        affine_serial(
+            ntasks, x, dy, out, outer, C, inner, block_len, nsplit, split_width, m, p, q, g, with_dy
+        )
+
+
+@_jit
+def forward_train(plan, counts, x, y, gamma, beta, eps, mean, var, invstd):
+    """Batch statistics into ``mean``, ``var`` (biased), ``invstd``; then ``y``."""
+    s1, s2, shift = _reduce(plan, x, x, mean, mean, True)
+    merge_moments(s1, s2, shift, counts, mean, var)
+    forward_eval(plan, x, y, gamma, beta, eps, mean, var, invstd)
+
+
+@_jit
+def forward_eval(plan, x, y, gamma, beta, eps, mean, var, invstd):
+    """``y = (x - mean) * invstd * gamma + beta`` with ``invstd = 1 / sqrt(var + eps)``."""
+    C = mean.shape[0]
+    scale = np.empty(C)
+    for c in range(C):
+        invstd[c] = 1.0 / np.sqrt(var[c] + eps)
+        scale[c] = invstd[c] * gamma[c]
+    _affine(plan, x, x, y, mean, scale, beta, scale, False)
+
+
+@_jit
+def backward(plan, dy, x, dx, mean, invstd, gamma, training, dgamma, dbeta):
+    """``dx``; per-channel ``dgamma = sum(dy * xhat)`` and ``dbeta = sum(dy)``."""
+    C = mean.shape[0]
+    s1, s2, _ = _reduce(plan, dy, x, np.zeros(C), mean, False)
+    merge_sums(s1, s2, dbeta, dgamma)
+    n = float(plan[0] * plan[2])
+    g = np.empty(C)
+    p = np.zeros(C)
+    q = np.zeros(C)
+    for c in range(C):
+        dgamma[c] *= invstd[c]
+        g[c] = gamma[c] * invstd[c]
+        if training:
+            p[c] = -g[c] * invstd[c] * (dgamma[c] / n)
+            q[c] = -g[c] * (dbeta[c] / n)
+    _affine(plan, x, dy, dx, mean, p, q, g, True)

@@ -1,4 +1,4 @@
-"""Work partition and kernel launch: serial or parallel, scratch for partial sums.
+"""Work partition and the entry points that run one whole operation per call.
 
 The partition depends only on the canonical shape ``(outer, C, inner)``, never on
 the thread count, so the reduction order (and hence every bit of the result) is
@@ -18,42 +18,40 @@ _SPLIT_WIDTH = 1024
 # Below this many elements a parallel region costs more than it saves.
 SERIAL_BELOW = 1 << 15
 
-_EMPTY = np.empty(0)
-
 
 class Plan:
-    """How one canonical shape is cut into tasks (see ``fastbn._kernels``)."""
+    """How one canonical shape is cut into tasks (see ``fastbn._kernels``).
 
-    __slots__ = (
-        "outer",
-        "C",
-        "inner",
-        "block_len",
-        "nblocks",
-        "nsplit",
-        "split_width",
-        "ntasks",
-        "counts",
-        "parallel",
-    )
+    ``ints`` is what the kernels read: (outer, C, inner, block_len, nblocks, nsplit,
+    split_width, ntasks, parallel); ``counts`` the number of values per block.
+    """
+
+    __slots__ = ("outer", "C", "inner", "ints", "counts", "parallel", "ones", "zeros")
 
     def __init__(self, outer, C, inner):
         self.outer, self.C, self.inner = outer, C, inner
         if inner == 1:
-            width = C if C <= _MAX_SPLIT_WIDTH else _SPLIT_WIDTH
-            self.split_width = width
-            self.nsplit = -(-C // width)
-            self.block_len = max(4, _TASK_ELEMENTS // width)
+            split_width = C if C <= _MAX_SPLIT_WIDTH else _SPLIT_WIDTH
+            nsplit = -(-C // split_width) if C else 0
+            block_len = max(4, _TASK_ELEMENTS // max(split_width, 1))
         else:
-            self.split_width = 1
-            self.nsplit = C
-            self.block_len = max(1, _TASK_ELEMENTS // inner)
-        self.nblocks = max(1, -(-outer // self.block_len))
-        self.ntasks = self.nblocks * self.nsplit
-        per_block = np.full(self.nblocks, float(self.block_len * inner))
-        per_block[-1] = float((outer - (self.nblocks - 1) * self.block_len) * inner)
-        self.counts = per_block
-        self.parallel = self.ntasks > 1 and outer * C * inner >= SERIAL_BELOW
+            split_width = 1
+            nsplit = C
+            block_len = max(1, _TASK_ELEMENTS // inner)
+        nblocks = max(1, -(-outer // block_len))
+        ntasks = nblocks * nsplit
+        self.parallel = ntasks > 1 and outer * C * inner >= SERIAL_BELOW
+        self.ints = np.array(
+            [outer, C, inner, block_len, nblocks, nsplit, split_width, ntasks, int(self.parallel)],
+            dtype=np.int64,
+        )
+        counts = np.full(nblocks, float(block_len * inner))
+        counts[-1] = float((outer - (nblocks - 1) * block_len) * inner)
+        self.counts = counts
+        self.ones = np.ones(C)  # gamma when there is none
+        self.zeros = np.zeros(C)  # beta when there is none
+        for a in (self.ints, self.counts, self.ones, self.zeros):
+            a.flags.writeable = False
 
 
 _plans = {}
@@ -69,76 +67,72 @@ def plan_for(outer, C, inner):
     return plan
 
 
-def _reduce(plan, a, b, sa, sb, from_block):
-    shape = (plan.nblocks, plan.C)
-    s1 = np.empty(shape)
-    s2 = np.empty(shape)
-    shift = np.empty(shape)
-    args = (
-        plan.ntasks,
-        a,
-        b,
-        plan.outer,
-        plan.C,
-        plan.inner,
-        plan.block_len,
-        plan.nsplit,
-        plan.split_width,
-        sa,
-        sb,
-        from_block,
-        s1,
-        s2,
-        shift,
-    )
+def _call(plan, fn, *args):
     if plan.parallel:
-        parallel_call(K.reduce_parallel, *args)
-    else:
-        K.reduce_serial(*args)
-    return s1, s2, shift
+        return parallel_call(fn, *args)
+    return fn(*args)
 
 
-def moments(plan, x):
-    """Per-channel mean and biased variance (float64) of flat ``x``."""
-    s1, s2, shift = _reduce(plan, x, x, _EMPTY, _EMPTY, True)
-    mean = np.empty(plan.C)
-    var = np.empty(plan.C)
-    K.merge_moments(s1, s2, shift, plan.counts, mean, var)
-    return mean, var
+def forward_train(plan, x, y, gamma, beta, eps):
+    """Normalize flat ``x`` into flat ``y`` with batch statistics.
 
-
-def grad_sums(plan, dy, x, mean):
-    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` (float64)."""
-    s1, s2, _ = _reduce(plan, dy, x, np.zeros(plan.C), mean, False)
-    sum_dy = np.empty(plan.C)
-    sum_dy_xc = np.empty(plan.C)
-    K.merge_sums(s1, s2, sum_dy, sum_dy_xc)
-    return sum_dy, sum_dy_xc
-
-
-def affine(plan, x, out, m, p, q, dy=None, g=None):
-    """``out = (x - m) * p + q``, or ``dy * g + (x - m) * p + q`` when ``dy`` is given."""
-    with_dy = dy is not None
-    if not with_dy:
-        dy, g = x, p  # never read; any C-length float64 array
-    args = (
-        plan.ntasks,
+    ``gamma``/``beta``: float64 ``(C,)`` or None. Returns float64 ``(mean, var, invstd)``,
+    ``var`` biased.
+    """
+    C = plan.C
+    mean, var, invstd = np.empty(C), np.empty(C), np.empty(C)
+    _call(
+        plan,
+        K.forward_train,
+        plan.ints,
+        plan.counts,
         x,
-        dy,
-        out,
-        plan.outer,
-        plan.C,
-        plan.inner,
-        plan.block_len,
-        plan.nsplit,
-        plan.split_width,
-        m,
-        p,
-        q,
-        g,
-        with_dy,
+        y,
+        plan.ones if gamma is None else gamma,
+        plan.zeros if beta is None else beta,
+        eps,
+        mean,
+        var,
+        invstd,
     )
-    if plan.parallel:
-        parallel_call(K.affine_parallel, *args)
-    else:
-        K.affine_serial(*args)
+    return mean, var, invstd
+
+
+def forward_eval(plan, x, y, gamma, beta, eps, mean, var):
+    """Normalize flat ``x`` into flat ``y`` with given float64 ``mean``/``var``; -> invstd."""
+    invstd = np.empty(plan.C)
+    _call(
+        plan,
+        K.forward_eval,
+        plan.ints,
+        x,
+        y,
+        plan.ones if gamma is None else gamma,
+        plan.zeros if beta is None else beta,
+        eps,
+        mean,
+        var,
+        invstd,
+    )
+    return invstd
+
+
+def backward(plan, dy, x, dx, mean, invstd, gamma, training):
+    """Write flat ``dx``; return float64 ``(dgamma, dbeta)`` (before any dtype cast)."""
+    C = plan.C
+    dgamma, dbeta = np.empty(C), np.empty(C)
+    _call(
+        plan,
+        K.backward,
+        plan.ints,
+        dy,
+        x,
+        dx,
+        mean,
+        invstd,
+        plan.ones if gamma is None else gamma,
+        bool(training),
+        dgamma,
+        dbeta,
+    )
+    return dgamma, dbeta

@@ -139,20 +139,17 @@ def batch_norm(
 
     plan = _launch.plan_for(view.outer, C, view.inner)
     x_flat = view.flat(x)
+    gamma64 = None if gamma is None else np.array(gamma, dtype=np.float64)  # a snapshot
+    beta64 = None if beta is None else _checks.as_float64(beta)
+    y, y_flat = _output(view, out)
     if training:
-        mean, var = (
-            _launch.moments(plan, x_flat) if x.size else (np.full(C, np.nan), np.full(C, np.nan))
-        )
+        if x.size:
+            mean, var, invstd = _launch.forward_train(plan, x_flat, y_flat, gamma64, beta64, eps)
+        else:
+            mean = var = invstd = np.full(C, np.nan)
     else:
         mean, var = _checks.as_float64(running_mean), _checks.as_float64(running_var)
-    invstd = 1.0 / np.sqrt(var + eps)
-    gamma64 = None if gamma is None else np.array(gamma, dtype=np.float64)  # a snapshot
-    scale = invstd if gamma is None else invstd * gamma64
-    shift = np.zeros(C) if beta is None else _checks.as_float64(beta)
-
-    y, y_flat = _output(view, out)
-    if x.size:
-        _launch.affine(plan, x_flat, y_flat, mean, scale, shift)
+        invstd = _launch.forward_eval(plan, x_flat, y_flat, gamma64, beta64, eps, mean, var)
     y = _finish(view, y, out)
 
     if training:
@@ -204,24 +201,22 @@ def batch_norm_backward(dy, cache, *, out=None):
     dy = _checks.check_same_shape(dy, "dy", view)
     if out is not None:
         out = _checks.check_out(out, view, [("dy", dy, True), ("x", cache.x, False)])
-    C, M = view.C, view.per_channel
+    C = view.C
     dy_flat = view.flat(dy)
-    if dy.size:
-        sum_dy, sum_dy_xc = _launch.grad_sums(plan, dy_flat, cache.x_flat, cache.mean)
-    else:
-        sum_dy, sum_dy_xc = np.zeros(C), np.zeros(C)
-    invstd = cache.invstd
-    dgamma_raw = sum_dy_xc * invstd
-    g = invstd if cache.gamma is None else cache.gamma * invstd
-    if cache.training:
-        p = -g * (invstd * invstd) * (sum_dy_xc / M)
-        q = -g * (sum_dy / M)
-    else:
-        p = np.zeros(C)
-        q = np.zeros(C)
     dx, dx_flat = _output(view, out)
     if dy.size:
-        _launch.affine(plan, cache.x_flat, dx_flat, cache.mean, p, q, dy=dy_flat, g=g)
+        dgamma_raw, sum_dy = _launch.backward(
+            plan,
+            dy_flat,
+            cache.x_flat,
+            dx_flat,
+            cache.mean,
+            cache.invstd,
+            cache.gamma,
+            cache.training,
+        )
+    else:
+        dgamma_raw, sum_dy = np.zeros(C), np.zeros(C)
     dx = _finish(view, dx, out)
     dgamma = None if cache.gamma_dtype is None else dgamma_raw.astype(cache.gamma_dtype)
     dbeta = None if cache.beta_dtype is None else sum_dy.astype(cache.beta_dtype)
