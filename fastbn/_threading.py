@@ -5,19 +5,26 @@ runs: ``omp`` (GNU OpenMP, present on most Linux systems), else ``tbb`` (when th
 ``tbb`` package is installed). If neither is available Numba's ``workqueue`` layer
 is used, which aborts the process when parallel code is entered from two Python
 threads at once, so fastbn then serializes its parallel calls with a lock.
-A ``NUMBA_THREADING_LAYER`` set by the user is respected (and a ``workqueue``
-choice is serialized the same way).
+A ``NUMBA_THREADING_LAYER`` set by the user is respected, and so is a layer that
+Numba had already started before fastbn was imported; any layer that is not
+known to be thread-safe (``workqueue``, ``forksafe``) is serialized the same way.
 
+The thread count is Numba's, which is per calling Python thread:
+``set_num_threads``/``num_threads`` in one thread do not change another's.
 Results never depend on the thread count: work is partitioned by data size.
 """
 
 import contextlib
+import operator
 import os
 import threading
 
 import numba
 
 __all__ = ["set_num_threads", "get_num_threads", "num_threads", "threading_layer_name"]
+
+# Layers (and Numba's layer classes) that may be entered from several threads at once.
+_THREAD_SAFE = {"omp", "tbb", "threadsafe", "safe"}
 
 
 def _importable(module):
@@ -28,7 +35,18 @@ def _importable(module):
     return True
 
 
+def _running_layer():
+    """The layer Numba has already started, or None."""
+    try:
+        return numba.threading_layer()
+    except ValueError:  # "Threading layer is not initialized."
+        return None
+
+
 def _choose_layer():
+    running = _running_layer()
+    if running is not None:
+        return running
     requested = os.environ.get("NUMBA_THREADING_LAYER", "").strip().lower()
     if requested and requested != "default":
         return requested
@@ -40,14 +58,21 @@ def _choose_layer():
 
 
 _LAYER = _choose_layer()
-numba.config.THREADING_LAYER = _LAYER
-_SERIALIZE = _LAYER == "workqueue"
+if _running_layer() is None:
+    numba.config.THREADING_LAYER = _LAYER
+_SERIALIZE = _LAYER not in _THREAD_SAFE
 _lock = threading.Lock()
 
 
 def threading_layer_name():
-    """The Numba threading layer fastbn asked for (``omp``, ``tbb`` or ``workqueue``)."""
+    """The Numba threading layer fastbn asked for (``omp``, ``tbb`` or ``workqueue``),
+    or the one Numba was already running when fastbn was imported."""
     return _LAYER
+
+
+def serialized():
+    """True when fastbn serializes its parallel calls (the layer is not thread-safe)."""
+    return _SERIALIZE
 
 
 def parallel_call(fn, *args):
@@ -58,18 +83,26 @@ def parallel_call(fn, *args):
     return fn(*args)
 
 
+def _check_count(n):
+    if isinstance(n, bool):
+        raise TypeError("set_num_threads: n must be an int, got bool")
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}") from None
+    limit = numba.config.NUMBA_NUM_THREADS
+    if not 1 <= n <= limit:
+        raise ValueError(f"set_num_threads: n must be in [1, {limit}] (NUMBA_NUM_THREADS), got {n}")
+    return n
+
+
 def set_num_threads(n):
     """Use ``n`` threads for fastbn's parallel kernels in the calling Python thread.
 
     ``n`` must be between 1 and ``numba.config.NUMBA_NUM_THREADS``. Like Numba's own
     setting, it is per calling thread. Results are bitwise the same for any ``n``.
     """
-    if not isinstance(n, int) or isinstance(n, bool):
-        raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
-    limit = numba.config.NUMBA_NUM_THREADS
-    if not 1 <= n <= limit:
-        raise ValueError(f"set_num_threads: n must be in [1, {limit}], got {n}")
-    numba.set_num_threads(n)
+    numba.set_num_threads(_check_count(n))
 
 
 def get_num_threads():
@@ -80,8 +113,9 @@ def get_num_threads():
 @contextlib.contextmanager
 def num_threads(n):
     """Context manager: ``with fastbn.num_threads(1): ...`` restores the old count."""
+    n = _check_count(n)
     old = get_num_threads()
-    set_num_threads(n)
+    numba.set_num_threads(n)
     try:
         yield
     finally:
