@@ -6,10 +6,16 @@ buffers and the per-channel float64 parameters. Kernels never validate.
 dtype policy: float32 and float64 are computed in place of the caller's memory
 (float64 arithmetic inside); float16 is computed from a float32 copy and the
 results are returned as float16. Non-native byte order is copied to native.
-Other dtypes (int, bool, complex, object, ...) raise ``TypeError``.
+Other dtypes (int, bool, complex, object, ...) raise ``TypeError``, and so do
+masked arrays (the mask would be ignored). Other ndarray subclasses (memmap,
+matrix) are read as plain ndarrays.
+
+Every message names the argument, what it got (shape and dtype for arrays) and
+what was expected.
 """
 
 import math
+import numbers
 import operator
 
 import numpy as np
@@ -20,18 +26,43 @@ _COMPUTE = {
     np.dtype(np.float64): np.dtype(np.float64),
 }
 
+# Values sampled from x at forward time to detect (best effort) that x was
+# modified before backward: a strided sample of about this many elements.
+_PROBE_SAMPLES = 64
+
+_TooHardError = getattr(np, "exceptions", np).TooHardError
+
 
 def _describe(a):
     return f"array of shape {a.shape} and dtype {a.dtype}"
 
 
-def check_array(a, name):
-    """``a`` as a float ndarray (native byte order); raise TypeError otherwise."""
+def _native(dtype):
+    return dtype.newbyteorder("=") if dtype.byteorder not in "=|" else dtype
+
+
+def _check_ndarray(a, name):
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a masked array ({_describe(a)}); fastbn would ignore its mask. "
+            f"Pass {name}.filled(value) or drop the masked values"
+        )
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-    native = a.dtype.newbyteorder("=") if a.dtype.byteorder not in "=|" else a.dtype
+    if type(a) is not np.ndarray:
+        a = a.view(np.ndarray)
+    return a
+
+
+def check_array(a, name):
+    """``a`` as a float ndarray (native byte order); raise TypeError otherwise."""
+    a = _check_ndarray(a, name)
+    native = _native(a.dtype)
     if native not in _COMPUTE:
-        raise TypeError(f"{name} must have dtype float16, float32 or float64, got {a.dtype}")
+        raise TypeError(
+            f"{name} must have dtype float16, float32 or float64, got {_describe(a)}; "
+            f"convert it first, e.g. {name}.astype(np.float32)"
+        )
     if native != a.dtype or not a.dtype.isnative:
         a = a.astype(native)
     return a
@@ -94,12 +125,12 @@ class View:
 
 
 def check_axis(axis, ndim):
+    if isinstance(axis, (bool, np.bool_)):
+        raise TypeError("axis must be an int, got bool")
     try:
         axis = operator.index(axis)
     except TypeError:
         raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
-    if isinstance(axis, (bool, np.bool_)):
-        raise TypeError("axis must be an int, got bool")
     if not -ndim <= axis < ndim:
         raise ValueError(
             f"axis {axis} is out of range for an input with {ndim} dimensions "
@@ -126,6 +157,21 @@ def view_of(x, axis):
     return x, View(x.shape, axis, channels_last, x.dtype)
 
 
+def check_batch(view, training):
+    """Training needs more than one value per channel (as in PyTorch)."""
+    if not training or view.per_channel > 1:
+        return
+    if view.per_channel == 0:
+        got = "an empty batch"
+    else:
+        got = "a single value per channel"
+    raise ValueError(
+        f"Expected more than 1 value per channel when training, got {got}: x has shape "
+        f"{view.shape} with channel axis {view.axis}. Use training=False (running "
+        f"statistics) for such inputs"
+    )
+
+
 def check_same_shape(a, name, view):
     a = check_array(a, name)
     if a.shape != view.shape:
@@ -134,10 +180,14 @@ def check_same_shape(a, name, view):
 
 
 def channel_param(p, name, C, *, writable=False):
-    """A per-channel 1-D parameter of length C, or None. Returns the validated array."""
+    """A per-channel 1-D parameter of length C, or None. Returns the validated array.
+
+    ``writable``: the array is updated in place (running statistics when training),
+    so it is returned as is (any float dtype and byte order), never as a copy.
+    """
     if p is None:
         return None
-    p = check_array(p, name) if not writable else _check_running(p, name)
+    p = _check_running(p, name) if writable else check_array(p, name)
     if p.shape != (C,):
         raise ValueError(
             f"{name} must have shape ({C},) to match the {C} channels of x, got {_describe(p)}"
@@ -146,44 +196,73 @@ def channel_param(p, name, C, *, writable=False):
 
 
 def _check_running(p, name):
-    if not isinstance(p, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(p).__name__}")
-    if p.dtype not in (np.float32, np.float64):
+    p = _check_ndarray(p, name)
+    if _native(p.dtype) not in _COMPUTE:
         raise TypeError(
-            f"{name} must have dtype float32 or float64 (it is updated in place), got {p.dtype}"
+            f"{name} must have dtype float16, float32 or float64 (it is updated in place), "
+            f"got {_describe(p)}"
         )
     if not p.flags.writeable:
-        raise ValueError(f"{name} is read-only but must be updated in place when training")
+        raise ValueError(
+            f"{name} is read-only ({_describe(p)}) but must be updated in place when training"
+        )
     return p
 
 
+def check_running_var(var, name="running_var"):
+    """``var`` (float64) must not be negative (NaN passes through: NaN policy)."""
+    if var.size and np.fmin.reduce(var) < 0:  # fmin: NaN does not hide a negative
+        bad = np.flatnonzero(var < 0)
+        raise ValueError(
+            f"{name} must be >= 0, got negative values at channels {bad[:8].tolist()}"
+            f"{' ...' if bad.size > 8 else ''} (e.g. {float(var[bad[0]])!r})"
+        )
+
+
 def as_float64(p):
-    return np.ascontiguousarray(p, dtype=np.float64)
+    """A float64 copy of ``p``: a snapshot, so later writes to ``p`` (or to ``out``
+    overlapping it) cannot change what a kernel or a cache reads."""
+    return np.array(p, dtype=np.float64)
+
+
+def _real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def check_eps(eps):
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"eps must be a positive float, got {eps!r}") from None
+    if not _real(eps):
+        raise TypeError(f"eps must be a positive float, got {type(eps).__name__} {eps!r}")
+    eps = float(eps)
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a positive finite float, got {eps!r}")
     return eps
 
 
-def check_momentum(momentum):
+def check_momentum(momentum, *, required=True):
+    """A float in [0, 1]. ``None`` (cumulative average) is only possible in the layer,
+    which counts batches: the functional form raises when it would be used
+    (``required``) and passes it through otherwise."""
     if momentum is None:
+        if not required:
+            return None
         raise ValueError(
             "momentum=None (cumulative average) needs a batch count: use "
             "fastbn.BatchNorm(momentum=None), or pass momentum=1/num_batches"
         )
-    try:
-        momentum = float(momentum)
-    except (TypeError, ValueError):
-        raise TypeError(f"momentum must be a float in [0, 1], got {momentum!r}") from None
+    if not _real(momentum):
+        raise TypeError(
+            f"momentum must be a float in [0, 1], got {type(momentum).__name__} {momentum!r}"
+        )
+    momentum = float(momentum)
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
     return momentum
+
+
+def check_training(training):
+    if isinstance(training, (bool, np.bool_)):
+        return bool(training)
+    raise TypeError(f"training must be a bool, got {type(training).__name__} {training!r}")
 
 
 def check_out(out, view, inputs):
@@ -191,15 +270,17 @@ def check_out(out, view, inputs):
 
     ``inputs`` is a sequence of ``(name, array, same_ok)``: ``same_ok`` allows ``out``
     to be exactly that array (an elementwise in-place update that is safe).
+    ``out`` may have non-native byte order (the result is then copied into it).
     """
-    if not isinstance(out, np.ndarray):
+    if isinstance(out, np.ma.MaskedArray) or not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-    if out.shape != view.shape or out.dtype != view.dtype:
+    if out.shape != view.shape or _native(out.dtype) != view.dtype:
         raise ValueError(
-            f"out must have shape {view.shape} and dtype {view.dtype}, got {_describe(out)}"
+            f"out must have shape {view.shape} and dtype {view.dtype} (those of x), "
+            f"got {_describe(out)}"
         )
     if not out.flags.writeable:
-        raise ValueError("out is read-only")
+        raise ValueError(f"out is read-only ({_describe(out)})")
     for name, a, same_ok in inputs:
         if a is None:
             continue
@@ -213,6 +294,20 @@ def check_out(out, view, inputs):
     return out
 
 
+def check_disjoint(written, read):
+    """Arrays written in place (``[(name, array)]``) share no memory with each other
+    or with the arrays ``read``; None entries are skipped."""
+    written = [(n, a) for n, a in written if a is not None]
+    read = [(n, a) for n, a in read if a is not None]
+    for i, (name, a) in enumerate(written):
+        for other, b in written[i + 1 :] + read:
+            if _overlaps(a, b):
+                raise ValueError(
+                    f"{name} overlaps {other}: {name} is written in place, so it must "
+                    f"not share memory with any other argument; pass a separate array"
+                )
+
+
 def _same_memory(a, b):
     return (
         a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
@@ -223,7 +318,34 @@ def _same_memory(a, b):
 
 
 def _overlaps(a, b):
+    if a is not b and a.flags.owndata and b.flags.owndata:
+        return False  # two arrays that each own their buffer (the common case)
     try:
         return bool(np.shares_memory(a, b, max_work=1000))
-    except np.exceptions.TooHardError:  # too costly to decide exactly: be safe
+    except _TooHardError:  # too costly to decide exactly: be safe
         return True
+
+
+# -- x modified between forward and backward (best effort) ---------------------------
+
+
+def probe_of(x_flat):
+    """A small strided sample of the flat input, kept in the cache: ``(step, bytes)``."""
+    step = max(1, x_flat.size // _PROBE_SAMPLES)
+    return step, x_flat[::step].tobytes()
+
+
+def check_probe(x_flat, probe):
+    """Raise ValueError if the sampled values of ``x_flat`` changed since ``probe_of``.
+
+    Compares bits, so NaN equals NaN. Catches changes of the whole array (an in-place
+    activation, ``x *= s``, ``x[...] = next_batch``); a change confined to a few
+    elements between the samples goes unnoticed.
+    """
+    step, sample = probe
+    if x_flat[::step].tobytes() != sample:
+        raise ValueError(
+            "x was modified after batch_norm returned this cache: the cache refers to x "
+            "(it keeps no copy), so batch_norm_backward would use the new values. Keep x "
+            "unchanged until backward, or pass a copy of x to batch_norm"
+        )

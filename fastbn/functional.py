@@ -17,7 +17,11 @@ class BatchNormCache:
     Attributes: ``x`` (the forward input, by reference), ``mean``, ``invstd``
     (float64, shape ``(C,)``, the statistics used to normalize), ``gamma``,
     ``has_beta``, ``training``, ``axis``, ``shape``. ``xhat`` is never stored:
-    backward recomputes it from ``x``.
+    backward recomputes it from ``x``. ``probe`` is a strided sample of about 64
+    values of ``x`` (bits), which backward compares to detect that ``x`` was
+    modified in between (best effort).
+
+    A cache may be used for any number of backward calls; backward never changes it.
     """
 
     __slots__ = (
@@ -31,6 +35,7 @@ class BatchNormCache:
         "mean",
         "invstd",
         "training",
+        "probe",
     )
 
     def __init__(
@@ -41,6 +46,7 @@ class BatchNormCache:
         self.gamma_dtype = gamma_dtype
         self.beta_dtype = None if beta is None else beta.dtype
         self.mean, self.invstd, self.training = mean, invstd, training
+        self.probe = _checks.probe_of(x_flat)
 
     @property
     def axis(self):
@@ -93,12 +99,15 @@ def batch_norm(
         Updated in place when training: ``running = (1 - momentum) * running +
         momentum * batch``, with the unbiased batch variance for ``running_var``.
     momentum : float in [0, 1]
+        Only used when running statistics are updated; ``None`` (cumulative
+        average) needs a batch count and is refused then: use ``BatchNorm``.
     eps : float > 0
         Added to the variance before the square root.
     axis : int
         The channel axis.
     out : ndarray or None
-        Receives ``y``; same shape and dtype as ``x``, must not overlap ``x``.
+        Receives ``y``; same shape and dtype as ``x``, must not overlap ``x``,
+        ``gamma``, ``beta`` or the running statistics.
 
     Returns
     -------
@@ -111,31 +120,50 @@ def batch_norm(
     ------
     TypeError, ValueError
         For bad arguments, with the argument's name, shape and dtype. ValueError
-        when training with a single value per channel.
+        when training with a single value per channel or an empty batch, for a
+        negative ``running_var`` in eval mode, and when an array written in place
+        (``out``, the running statistics) overlaps another argument.
+
+    A channel with any NaN or inf gets NaN ``mean`` and ``var`` and NaN outputs in
+    training; the other channels are unaffected. Running statistics are updated
+    with those NaN (as in PyTorch).
     """
     x, view = _checks.view_of(x, axis)
     C = view.C
     gamma = _checks.channel_param(gamma, "gamma", C)
     beta = _checks.channel_param(beta, "beta", C)
     eps = _checks.check_eps(eps)
-    training = bool(training)
+    training = _checks.check_training(training)
     if training:
         running_mean = _checks.channel_param(running_mean, "running_mean", C, writable=True)
         running_var = _checks.channel_param(running_var, "running_var", C, writable=True)
-        if running_mean is not None or running_var is not None:
-            momentum = _checks.check_momentum(momentum)
-        if view.per_channel <= 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got "
-                f"input of shape {view.shape} with channel axis {view.axis}"
-            )
+        updates = running_mean is not None or running_var is not None
+        momentum = _checks.check_momentum(momentum, required=updates)
+        _checks.check_batch(view, training)
+        if running_mean is not None and running_var is not None and running_mean is running_var:
+            raise ValueError("running_mean and running_var must be different arrays")
+        _checks.check_disjoint(
+            [("running_mean", running_mean), ("running_var", running_var)],
+            [("x", x), ("gamma", gamma), ("beta", beta)],
+        )
     else:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var are required when training=False")
         running_mean = _checks.channel_param(running_mean, "running_mean", C)
         running_var = _checks.channel_param(running_var, "running_var", C)
+        _checks.check_momentum(momentum, required=False)  # unused, but not nonsense
     if out is not None:
-        out = _checks.check_out(out, view, [("x", x, False)])
+        out = _checks.check_out(
+            out,
+            view,
+            [
+                ("x", x, False),
+                ("gamma", gamma, False),
+                ("beta", beta, False),
+                ("running_mean", running_mean, False),
+                ("running_var", running_var, False),
+            ],
+        )
 
     plan = _launch.plan_for(view.outer, C, view.inner)
     x_flat = view.flat(x)
@@ -145,10 +173,12 @@ def batch_norm(
     if training:
         if x.size:
             mean, var, invstd = _launch.forward_train(plan, x_flat, y_flat, gamma64, beta64, eps)
+            _nan_policy(mean, var)
         else:
             mean = var = invstd = np.full(C, np.nan)
     else:
         mean, var = _checks.as_float64(running_mean), _checks.as_float64(running_var)
+        _checks.check_running_var(var)
         invstd = _launch.forward_eval(plan, x_flat, y_flat, gamma64, beta64, eps, mean, var)
     y = _finish(view, y, out)
 
@@ -182,6 +212,8 @@ def batch_norm_backward(dy, cache, *, out=None):
         Receives ``dx``; shape and dtype of ``x``. May be ``dy`` itself (the update
         is elementwise), must not otherwise overlap ``dy`` or ``x``.
 
+    ``dy`` may have another float dtype than ``x``; it is converted to ``x``'s.
+
     Returns
     -------
     dx : ndarray, shape and dtype of ``x``
@@ -191,6 +223,9 @@ def batch_norm_backward(dy, cache, *, out=None):
     In training mode the batch statistics depend on ``x``, which gives the full
     batch-norm gradient; in eval mode they are constants and ``dx = dy * gamma *
     invstd``.
+
+    Raises ``ValueError`` when ``x`` was visibly modified since the forward call
+    (a sample of its values is compared; see ``BatchNormCache``).
     """
     if not isinstance(cache, BatchNormCache):
         raise TypeError(
@@ -199,6 +234,7 @@ def batch_norm_backward(dy, cache, *, out=None):
         )
     view, plan = cache.view, cache.plan
     dy = _checks.check_same_shape(dy, "dy", view)
+    _checks.check_probe(cache.x_flat, cache.probe)
     if out is not None:
         out = _checks.check_out(out, view, [("dy", dy, True), ("x", cache.x, False)])
     C = view.C
@@ -243,9 +279,27 @@ def _finish(view, result, out):
     return result
 
 
+def _nan_policy(mean, var):
+    """A channel whose variance is NaN (it holds a NaN or an inf) gets a NaN mean too,
+    whatever the position of the inf (the shifted sums may give inf or NaN)."""
+    if np.isnan(np.add.reduce(var)):
+        mean[np.isnan(var)] = np.nan
+
+
 def _update_running(running_mean, running_var, mean, var, momentum, n):
+    """``running = (1 - momentum) * running + momentum * batch``. The term whose factor
+    is 0 is skipped, so ``momentum=1`` replaces an inf running value instead of
+    turning it into NaN (0 * inf), and ``momentum=0`` keeps it."""
+    if momentum == 0.0:
+        return
     if running_mean is not None:
-        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+        if momentum == 1.0:
+            running_mean[...] = mean
+        else:
+            running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
     if running_var is not None:
         unbiased = var * (n / (n - 1))
-        running_var[...] = (1.0 - momentum) * running_var + momentum * unbiased
+        if momentum == 1.0:
+            running_var[...] = unbiased
+        else:
+            running_var[...] = (1.0 - momentum) * running_var + momentum * unbiased
