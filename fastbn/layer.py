@@ -4,8 +4,11 @@ Mirrors ``torch.nn.BatchNorm1d/2d/3d`` (one class: the channel axis is a
 parameter), with explicit ``forward``/``backward`` in place of autograd.
 """
 
+import operator
+
 import numpy as np
 
+from . import _checks
 from .functional import batch_norm, batch_norm_backward
 
 __all__ = ["BatchNorm"]
@@ -57,16 +60,16 @@ class BatchNorm:
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
-        if not float(eps) > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
+        eps = _checks.check_eps(eps)
+        momentum = _checks.check_momentum(momentum, required=False)
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
         self.num_features = int(num_features)
-        self.eps = float(eps)
+        self.eps = eps
         self.momentum = momentum
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
-        self.axis = axis
+        self.axis = int(axis)
         self.dtype = dtype
         self.training = True
         C = self.num_features
@@ -96,14 +99,13 @@ class BatchNorm:
     # -- compute ----------------------------------------------------------------
     def forward(self, x, *, out=None):
         """Normalize ``x`` (shape ``(N, C, ...)`` or channels-last per ``axis``) -> ``y``."""
+        self._check_channels(x)
         use_batch_stats = self.training or not self.track_running_stats
         momentum = self.momentum
         update = self.training and self.track_running_stats
-        if update:
-            self.num_batches_tracked += 1
-            if momentum is None:
-                momentum = 1.0 / self.num_batches_tracked
-        y, self._cache = batch_norm(
+        if update and momentum is None:
+            momentum = 1.0 / (self.num_batches_tracked + 1)
+        y, cache = batch_norm(
             x,
             self.gamma,
             self.beta,
@@ -115,9 +117,23 @@ class BatchNorm:
             axis=self.axis,
             out=out,
         )
+        # Only a call that succeeded changes the state.
+        self._cache = cache
+        if update:
+            self.num_batches_tracked += 1
         return y
 
     __call__ = forward
+
+    def _check_channels(self, x):
+        """A message in the layer's terms when x has the wrong number of channels."""
+        if not (isinstance(x, np.ndarray) and x.ndim >= 2 and -x.ndim <= self.axis < x.ndim):
+            return  # batch_norm explains what is wrong with x
+        if x.shape[self.axis] != self.num_features:
+            raise ValueError(
+                f"{self!r} expects {self.num_features} channels on axis {self.axis}, "
+                f"got x of shape {x.shape} and dtype {x.dtype}"
+            )
 
     def backward(self, dy, *, out=None):
         """Gradient w.r.t. the last forward's input; sets ``dgamma``/``dbeta``."""
@@ -164,15 +180,25 @@ class BatchNorm:
             raise KeyError(
                 f"state_dict mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
             )
+        # Validate everything before changing anything: a bad state loads nothing.
+        values = {}
         for name in ("gamma", "beta", "running_mean", "running_var"):
             if name in state:
                 value = np.asarray(state[name])
                 target = getattr(self, name)
                 if value.shape != target.shape:
                     raise ValueError(f"{name} must have shape {target.shape}, got {value.shape}")
-                target[...] = value  # in place: optimizers keep their references
+                if value.dtype.kind not in "fiu":
+                    raise TypeError(f"{name} must hold real numbers, got dtype {value.dtype}")
+                values[name] = value
         if "num_batches_tracked" in state:
-            self.num_batches_tracked = int(state["num_batches_tracked"])
+            count = operator.index(np.asarray(state["num_batches_tracked"])[()])
+            if count < 0:
+                raise ValueError(f"num_batches_tracked must be >= 0, got {count}")
+        for name, value in values.items():
+            getattr(self, name)[...] = value  # in place: optimizers keep their references
+        if "num_batches_tracked" in state:
+            self.num_batches_tracked = int(count)
 
     def __repr__(self):
         return (
