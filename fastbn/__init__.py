@@ -9,6 +9,7 @@ See ``fastbn.batch_norm``, ``fastbn.batch_norm_backward``, ``fastbn.BatchNorm`` 
 ``fastbn.reference`` (the naive NumPy implementation with the same signatures).
 """
 
+from . import _cache_dir  # noqa: F401  # isort: skip  (first: Numba's cache dir, then kernels)
 from . import reference
 
 # _threading first among the kernels' users: it picks the threading layer before any kernel.
