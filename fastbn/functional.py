@@ -4,6 +4,9 @@ Validation and views come from ``_checks``, the passes over memory from
 ``_launch``/``_kernels``. Semantics follow PyTorch's ``F.batch_norm``.
 """
 
+import math
+import warnings
+
 import numpy as np
 
 from . import _checks, _launch
@@ -281,9 +284,21 @@ def _finish(view, result, out):
 
 def _nan_policy(mean, var):
     """A channel whose variance is NaN (it holds a NaN or an inf) gets a NaN mean too,
-    whatever the position of the inf (the shifted sums may give inf or NaN)."""
-    if np.isnan(np.add.reduce(var)):
-        mean[np.isnan(var)] = np.nan
+    whatever the position of the inf (the shifted sums may give inf or NaN).
+
+    An infinite variance can only come from finite values whose squared deviations
+    overflow float64 (spread beyond ~1e154): warn, as NumPy's ``var`` does."""
+    if math.isfinite(np.add.reduce(var)):
+        return
+    mean[np.isnan(var)] = np.nan
+    over = np.flatnonzero(np.isinf(var))
+    if over.size:
+        warnings.warn(
+            f"batch_norm: the variance of channels {over[:8].tolist()} overflows float64 "
+            f"(values more than ~1e154 apart); their outputs equal beta",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _update_running(running_mean, running_var, mean, var, momentum, n):

@@ -933,3 +933,16 @@ def test_running_var_nan_in_eval_propagates_to_its_channel_only():
     rm, rv = np.zeros(C, F32), np.array([1.0, np.nan, 4.0], F32)
     y, _ = fastbn.batch_norm(x, None, None, training=False, running_mean=rm, running_var=rv)
     assert np.isnan(y[:, 1]).all() and np.isfinite(y[:, [0, 2]]).all()
+
+
+def test_float64_variance_overflow_warns():
+    """Finite float64 values ~1e200 apart: the variance overflows (as in np.var); the
+    channel's output is beta. Not silent: a RuntimeWarning names the channel."""
+    x = np.array([[1e200, 1.0], [-1e200, 2.0], [3e199, 3.0]])
+    beta = np.array([0.5, 0.0])
+    fragment = "the variance of channels [0] overflows float64"
+    with pytest.warns(RuntimeWarning, match=re.escape(fragment)):
+        y, cache = fastbn.batch_norm(x, None, beta)
+    assert (y[:, 0] == 0.5).all() and cache.invstd[0] == 0
+    y_ref, _ = fastbn.reference.batch_norm(x[:, 1:], None, None)
+    np.testing.assert_allclose(y[:, 1:], y_ref, rtol=1e-12)
