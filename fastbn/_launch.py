@@ -50,8 +50,6 @@ class Plan:
         self.counts = counts
         self.ones = np.ones(C)  # gamma when there is none
         self.zeros = np.zeros(C)  # beta when there is none
-        for a in (self.ints, self.counts, self.ones, self.zeros):
-            a.flags.writeable = False
 
 
 _plans = {}
@@ -67,10 +65,27 @@ def plan_for(outer, C, inner):
     return plan
 
 
+def _ro(a):
+    """A read-only view: inputs always reach the kernels typed read-only, so a caller's
+    read-only array does not trigger another compilation."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+def _f64(a):
+    """A private, writable, contiguous float64 copy of a per-channel array."""
+    return np.array(a, dtype=np.float64, order="C")
+
+
 def _call(plan, fn, *args):
     if plan.parallel:
         return parallel_call(fn, *args)
     return fn(*args)
+
+
+def _gamma_beta(plan, gamma, beta):
+    return (plan.ones if gamma is None else gamma), (plan.zeros if beta is None else beta)
 
 
 def forward_train(plan, x, y, gamma, beta, eps):
@@ -81,39 +96,18 @@ def forward_train(plan, x, y, gamma, beta, eps):
     """
     C = plan.C
     mean, var, invstd = np.empty(C), np.empty(C), np.empty(C)
-    _call(
-        plan,
-        K.forward_train,
-        plan.ints,
-        plan.counts,
-        x,
-        y,
-        plan.ones if gamma is None else gamma,
-        plan.zeros if beta is None else beta,
-        eps,
-        mean,
-        var,
-        invstd,
-    )
+    gamma, beta = _gamma_beta(plan, gamma, beta)
+    args = (plan.ints, plan.counts, _ro(x), y, gamma, beta, eps, mean, var, invstd)
+    _call(plan, K.forward_train, *args)
     return mean, var, invstd
 
 
 def forward_eval(plan, x, y, gamma, beta, eps, mean, var):
-    """Normalize flat ``x`` into flat ``y`` with given float64 ``mean``/``var``; -> invstd."""
+    """Normalize flat ``x`` into flat ``y`` with given ``mean``/``var``; returns ``invstd``."""
     invstd = np.empty(plan.C)
-    _call(
-        plan,
-        K.forward_eval,
-        plan.ints,
-        x,
-        y,
-        plan.ones if gamma is None else gamma,
-        plan.zeros if beta is None else beta,
-        eps,
-        mean,
-        var,
-        invstd,
-    )
+    gamma, beta = _gamma_beta(plan, gamma, beta)
+    args = (plan.ints, _ro(x), y, gamma, beta, eps, _f64(mean), _f64(var), invstd)
+    _call(plan, K.forward_eval, *args)
     return invstd
 
 
@@ -121,18 +115,7 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training):
     """Write flat ``dx``; return float64 ``(dgamma, dbeta)`` (before any dtype cast)."""
     C = plan.C
     dgamma, dbeta = np.empty(C), np.empty(C)
-    _call(
-        plan,
-        K.backward,
-        plan.ints,
-        dy,
-        x,
-        dx,
-        mean,
-        invstd,
-        plan.ones if gamma is None else gamma,
-        bool(training),
-        dgamma,
-        dbeta,
-    )
+    gamma = plan.ones if gamma is None else gamma
+    args = (plan.ints, _ro(dy), _ro(x), dx, mean, invstd, gamma, bool(training), dgamma, dbeta)
+    _call(plan, K.backward, *args)
     return dgamma, dbeta
