@@ -298,6 +298,8 @@ def check_disjoint(written, read):
     """Arrays written in place (``[(name, array)]``) share no memory with each other
     or with the arrays ``read``; None entries are skipped."""
     written = [(n, a) for n, a in written if a is not None]
+    if not written:
+        return
     read = [(n, a) for n, a in read if a is not None]
     for i, (name, a) in enumerate(written):
         for other, b in written[i + 1 :] + read:
@@ -318,8 +320,10 @@ def _same_memory(a, b):
 
 
 def _overlaps(a, b):
-    if a is not b and a.flags.owndata and b.flags.owndata:
+    if a is not b and a.base is None and b.base is None:
         return False  # two arrays that each own their buffer (the common case)
+    if not np.may_share_memory(a, b):  # memory bounds only: cheap
+        return False
     try:
         return bool(np.shares_memory(a, b, max_work=1000))
     except _TooHardError:  # too costly to decide exactly: be safe
