@@ -19,7 +19,8 @@ or many. Three passes exist:
               cancellation at large offsets), merged with Chan's formula;
 ``gradsums``  per channel ``sum(dy)`` and ``sum(dy * (x - mean))``;
 ``affine``    ``out = (x - m) * p + q``, or ``dy * g + (x - m) * p + q`` for ``dx``,
-              with per-channel float64 ``m, p, q, g``.
+              with per-channel float64 ``m, p, q, g``; large outputs are written with
+              streaming stores (``fastbn._stream``).
 
 All arithmetic is float64 whatever the storage dtype (float32 or float64: one
 generic source, compiled lazily per dtype). Indices are unsigned so that Numba
@@ -30,6 +31,16 @@ Numba's on-disk cache does not key on ``parallel=``.
 
 import numba
 import numpy as np
+
+from ._stream import (
+    LINE,
+    fmuladd,
+    line_planes,
+    line_planes_dy,
+    line_rows,
+    line_rows_dy,
+    store_fence,
+)
 
 # Never nnan/ninf: NaN and inf must propagate through every channel they touch.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -268,64 +279,96 @@ def merge_sums(s1, s2, sum1, sum2):
 
 
 @_jit
-def _affine_task(plan, t, x, dy, out, m, p, q, g, with_dy):
-    """Write this task's outputs, one row (rows) or plane (planes) at a time.
+def _affine_task(plan, t, x, dy, out, m, p, q, g, with_dy, stream):
+    """Write this task's outputs, one row (rows) or plane (planes) segment at a time.
 
-    All loops are inline here: a call per row would increment and decrement the
+    With ``stream``, each segment's whole 64-byte lines of ``out`` are written by
+    streaming stores (``fastbn._stream``), the unaligned head and tail by the ordinary
+    loops. All loops are inline here: a call per row would increment and decrement the
     reference count of every array argument, atomics that the threads contend on.
     """
     _, lo, hi, c0, c1 = _task(plan, t)
     C = _U(plan[CHANNELS])
     inner = _U(plan[INNER])
-    if inner == 1:
-        w = c1 - c0
-        for r in range(lo, hi):
-            k = r * C + c0
-            if with_dy:
-                for e in range(w):
-                    out[k + e] = (
-                        dy[k + e] * g[c0 + e] + (x[k + e] - m[c0 + e]) * p[c0 + e] + q[c0 + e]
-                    )
+    rows = inner == 1
+    seglen = c1 - c0 if rows else inner
+    size = _U(out.itemsize)
+    addr = _U(out.ctypes.data)
+    line = _U(LINE)
+    streamed = False
+    for s in range(lo, hi):
+        k = s * C + c0 if rows else (s * C + c0) * inner
+        head = seglen
+        nlines = _U(0)
+        if stream and seglen >= _U(4 * LINE) and (addr + k * size) % size == 0:
+            head = ((_U(64) - (addr + k * size) % _U(64)) % _U(64)) // size
+            nlines = (seglen - head) // line
+        for part in range(2):  # the head, then the tail after the whole lines
+            a = _U(0) if part == 0 else head + nlines * line
+            n = (head if part == 0 else seglen) - a
+            i0 = k + a
+            if rows:
+                j0 = c0 + a
+                if with_dy:
+                    for e in range(n):
+                        xc = x[i0 + e] - m[j0 + e]
+                        out[i0 + e] = fmuladd(
+                            dy[i0 + e], g[j0 + e], fmuladd(xc, p[j0 + e], q[j0 + e])
+                        )
+                else:
+                    for e in range(n):
+                        out[i0 + e] = fmuladd(x[i0 + e] - m[j0 + e], p[j0 + e], q[j0 + e])
             else:
-                for e in range(w):
-                    out[k + e] = (x[k + e] - m[c0 + e]) * p[c0 + e] + q[c0 + e]
-    else:
-        mc, pc, qc, gc = m[c0], p[c0], q[c0], g[c0]
-        for o in range(lo, hi):
-            k = (o * C + c0) * inner
-            if with_dy:
-                for e in range(inner):
-                    out[k + e] = dy[k + e] * gc + (x[k + e] - mc) * pc + qc
+                mc, pc, qc, gc = m[c0], p[c0], q[c0], g[c0]
+                if with_dy:
+                    for e in range(n):
+                        out[i0 + e] = fmuladd(dy[i0 + e], gc, fmuladd(x[i0 + e] - mc, pc, qc))
+                else:
+                    for e in range(n):
+                        out[i0 + e] = fmuladd(x[i0 + e] - mc, pc, qc)
+        for L in range(nlines):
+            i0 = k + head + L * line
+            if rows:
+                j0 = c0 + head + L * line
+                if with_dy:
+                    line_rows_dy(out, x, dy, m, p, q, g, i0, j0)
+                else:
+                    line_rows(out, x, dy, m, p, q, g, i0, j0)
+            elif with_dy:
+                line_planes_dy(out, x, dy, m, p, q, g, i0, c0)
             else:
-                for e in range(inner):
-                    out[k + e] = (x[k + e] - mc) * pc + qc
+                line_planes(out, x, dy, m, p, q, g, i0, c0)
+            streamed = True
+    if streamed:
+        store_fence()
 
 
 @_jit
-def affine_serial(plan, x, dy, out, m, p, q, g, with_dy):
+def affine_serial(plan, x, dy, out, m, p, q, g, with_dy, stream):
     for t in range(plan[NTASKS]):
-        _affine_task(plan, t, x, dy, out, m, p, q, g, with_dy)
+        _affine_task(plan, t, x, dy, out, m, p, q, g, with_dy, stream)
 
 
 @_pjit
-def affine_parallel(plan, x, dy, out, m, p, q, g, with_dy):
+def affine_parallel(plan, x, dy, out, m, p, q, g, with_dy, stream):
     for t in numba.prange(plan[NTASKS]):
-        _affine_task(plan, t, x, dy, out, m, p, q, g, with_dy)
+        _affine_task(plan, t, x, dy, out, m, p, q, g, with_dy, stream)
 
 
 # -- whole operations: one dispatch from Python per call -----------------------------------
 
 
 @_jit
-def _affine(plan, x, dy, out, m, p, q, g, with_dy):
+def _affine(plan, x, dy, out, m, p, q, g, with_dy, stream_bytes):
+    stream = out.size * out.itemsize >= stream_bytes
     if plan[PARALLEL]:
-        affine_parallel(plan, x, dy, out, m, p, q, g, with_dy)
+        affine_parallel(plan, x, dy, out, m, p, q, g, with_dy, stream)
     else:
-        affine_serial(plan, x, dy, out, m, p, q, g, with_dy)
+        affine_serial(plan, x, dy, out, m, p, q, g, with_dy, stream)
 
 
 @_jit
-def forward_train(plan, counts, x, y, gamma, beta, eps, mean, var, invstd):
+def forward_train(plan, counts, x, y, gamma, beta, eps, mean, var, invstd, stream_bytes):
     """Batch statistics into ``mean``, ``var`` (biased), ``invstd``; then ``y``."""
     shape = (plan[NBLOCKS], plan[CHANNELS])
     s1 = np.empty(shape)
@@ -336,22 +379,22 @@ def forward_train(plan, counts, x, y, gamma, beta, eps, mean, var, invstd):
     else:
         moments_serial(plan, x, s1, s2, shift)
     merge_moments(s1, s2, shift, counts, mean, var)
-    forward_eval(plan, x, y, gamma, beta, eps, mean, var, invstd)
+    forward_eval(plan, x, y, gamma, beta, eps, mean, var, invstd, stream_bytes)
 
 
 @_jit
-def forward_eval(plan, x, y, gamma, beta, eps, mean, var, invstd):
+def forward_eval(plan, x, y, gamma, beta, eps, mean, var, invstd, stream_bytes):
     """``y = (x - mean) * invstd * gamma + beta`` with ``invstd = 1 / sqrt(var + eps)``."""
     C = mean.shape[0]
     scale = np.empty(C)
     for c in range(C):
         invstd[c] = 1.0 / np.sqrt(var[c] + eps)
         scale[c] = invstd[c] * gamma[c]
-    _affine(plan, x, x, y, mean, scale, beta, scale, False)
+    _affine(plan, x, x, y, mean, scale, beta, scale, False, stream_bytes)
 
 
 @_jit
-def backward(plan, dy, x, dx, mean, invstd, gamma, training, dgamma, dbeta):
+def backward(plan, dy, x, dx, mean, invstd, gamma, training, dgamma, dbeta, stream_bytes):
     """``dx``; per-channel ``dgamma = sum(dy * xhat)`` and ``dbeta = sum(dy)``."""
     shape = (plan[NBLOCKS], plan[CHANNELS])
     s1 = np.empty(shape)
@@ -372,4 +415,4 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training, dgamma, dbeta):
         if training:
             p[c] = -g[c] * invstd[c] * (dgamma[c] / n)
             q[c] = -g[c] * (dbeta[c] / n)
-    _affine(plan, x, dy, dx, mean, p, q, g, True)
+    _affine(plan, x, dy, dx, mean, p, q, g, True, stream_bytes)

@@ -17,6 +17,10 @@ _MAX_SPLIT_WIDTH = 4096
 _SPLIT_WIDTH = 1024
 # Below this many elements a parallel region costs more than it saves.
 SERIAL_BELOW = 1 << 15
+# Outputs of at least this many bytes are written with streaming (non-temporal) stores:
+# they would not stay in the last-level cache anyway, and streaming saves the read of
+# each destination line. Smaller outputs stay in cache for whoever reads them next.
+STREAM_BYTES = 16 << 20
 
 
 class Plan:
@@ -98,7 +102,7 @@ def forward_train(plan, x, y, gamma, beta, eps):
     mean, var, invstd = np.empty(C), np.empty(C), np.empty(C)
     gamma, beta = _gamma_beta(plan, gamma, beta)
     args = (plan.ints, plan.counts, _ro(x), y, gamma, beta, eps, mean, var, invstd)
-    _call(plan, K.forward_train, *args)
+    _call(plan, K.forward_train, *args, STREAM_BYTES)
     return mean, var, invstd
 
 
@@ -107,7 +111,7 @@ def forward_eval(plan, x, y, gamma, beta, eps, mean, var):
     invstd = np.empty(plan.C)
     gamma, beta = _gamma_beta(plan, gamma, beta)
     args = (plan.ints, _ro(x), y, gamma, beta, eps, _f64(mean), _f64(var), invstd)
-    _call(plan, K.forward_eval, *args)
+    _call(plan, K.forward_eval, *args, STREAM_BYTES)
     return invstd
 
 
@@ -117,5 +121,5 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training):
     dgamma, dbeta = np.empty(C), np.empty(C)
     gamma = plan.ones if gamma is None else gamma
     args = (plan.ints, _ro(dy), _ro(x), dx, mean, invstd, gamma, bool(training), dgamma, dbeta)
-    _call(plan, K.backward, *args)
+    _call(plan, K.backward, *args, STREAM_BYTES)
     return dgamma, dbeta
