@@ -14,6 +14,7 @@ __all__ = ["load_digits", "require", "N_DIGITS"]
 
 N_DIGITS = 1797  # images in scikit-learn's digits data
 INSTALL_HINT = "pip install 'fastbn[examples]'"
+_PACKAGES = {"sklearn": "scikit-learn"}  # import name -> distribution name
 
 
 def require(module, purpose):
@@ -21,8 +22,10 @@ def require(module, purpose):
     try:
         return __import__(module, fromlist=["_"])
     except ImportError as exc:
+        top = module.split(".")[0]
+        package = _PACKAGES.get(top, top)
         raise ImportError(
-            f"{purpose} needs {module.split('.')[0]}, which is not installed: {INSTALL_HINT}"
+            f"{purpose} needs {package}, which is not installed: {INSTALL_HINT}"
         ) from exc
 
 
