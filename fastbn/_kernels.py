@@ -368,8 +368,42 @@ def _affine(plan, x, dy, out, m, p, q, g, with_dy, stream_bytes):
 
 
 @_jit
-def forward_train(plan, counts, x, y, gamma, beta, eps, mean, var, invstd, stream_bytes):
-    """Batch statistics into ``mean``, ``var`` (biased), ``invstd``; then ``y``."""
+def _blend(running, batch, momentum):
+    """``(1 - momentum) * running + momentum * batch``. Reassociated (fastmath, also
+    after inlining) as ``running + momentum * (batch - running)`` it would turn an inf
+    running value into NaN, so that case keeps the exact formula's answer explicitly."""
+    if np.isfinite(running):
+        return (1.0 - momentum) * running + momentum * batch
+    return running + momentum * batch  # inf stays inf unless batch brings a NaN / -inf
+
+
+@_jit
+def forward_train(
+    plan,
+    counts,
+    x,
+    y,
+    gamma,
+    beta,
+    eps,
+    mean,
+    var,
+    invstd,
+    stream_bytes,
+    running_mean,
+    running_var,
+    momentum,
+    update_mean,
+    update_var,
+):
+    """Batch statistics into ``mean``, ``var`` (biased), ``invstd``; then ``y``.
+
+    A channel whose variance is NaN (it holds a NaN or an inf) gets a NaN mean too. The
+    running statistics, when ``update_*``, become ``(1 - momentum) * running + momentum *
+    batch`` (unbiased variance); a term whose factor is 0 is skipped, so ``momentum=1``
+    replaces an inf running value instead of making it NaN. Returns False when some
+    variance is not finite.
+    """
     shape = (plan[NBLOCKS], plan[CHANNELS])
     s1 = np.empty(shape)
     s2 = np.empty(shape)
@@ -379,7 +413,26 @@ def forward_train(plan, counts, x, y, gamma, beta, eps, mean, var, invstd, strea
     else:
         moments_serial(plan, x, s1, s2, shift)
     merge_moments(s1, s2, shift, counts, mean, var)
+    finite = True
+    n = float(plan[OUTER] * plan[INNER])
+    for c in range(mean.shape[0]):
+        if not np.isfinite(var[c]):
+            finite = False
+            if var[c] != var[c]:
+                mean[c] = np.nan
+        if update_mean and momentum != 0.0:
+            if momentum == 1.0:
+                running_mean[c] = mean[c]
+            else:
+                running_mean[c] = _blend(running_mean[c], mean[c], momentum)
+        if update_var and momentum != 0.0:
+            unbiased = var[c] * (n / (n - 1.0))
+            if momentum == 1.0:
+                running_var[c] = unbiased
+            else:
+                running_var[c] = _blend(running_var[c], unbiased, momentum)
     forward_eval(plan, x, y, gamma, beta, eps, mean, var, invstd, stream_bytes)
+    return finite
 
 
 @_jit
@@ -415,4 +468,7 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training, dgamma, dbeta, stre
         if training:
             p[c] = -g[c] * invstd[c] * (dgamma[c] / n)
             q[c] = -g[c] * (dbeta[c] / n)
-    _affine(plan, x, dy, dx, mean, p, q, g, True, stream_bytes)
+    if training:
+        _affine(plan, x, dy, dx, mean, p, q, g, True, stream_bytes)
+    else:  # dx = dy * gamma * invstd: x is not read (a NaN there must not leak into dx)
+        _affine(plan, dy, dy, dx, q, g, q, g, False, stream_bytes)

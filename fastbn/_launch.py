@@ -57,6 +57,8 @@ class Plan:
 
 
 _plans = {}
+# stand-ins for absent running statistics, by the dtype char of x
+_STAND_IN = {"f": np.zeros(1, np.float32), "d": np.zeros(1, np.float64)}
 
 
 def plan_for(outer, C, inner):
@@ -92,18 +94,39 @@ def _gamma_beta(plan, gamma, beta):
     return (plan.ones if gamma is None else gamma), (plan.zeros if beta is None else beta)
 
 
-def forward_train(plan, x, y, gamma, beta, eps):
-    """Normalize flat ``x`` into flat ``y`` with batch statistics.
+def forward_train(plan, x, y, gamma, beta, eps, running_mean=None, running_var=None, momentum=0.0):
+    """Normalize flat ``x`` into flat ``y`` with batch statistics; update the running
+    statistics in place (see ``_kernels.forward_train``).
 
-    ``gamma``/``beta``: float64 ``(C,)`` or None. Returns float64 ``(mean, var, invstd)``,
-    ``var`` biased.
+    ``gamma``/``beta``: float64 ``(C,)`` or None. Returns float64 ``(mean, var, invstd)``
+    (``var`` biased) and whether every variance is finite.
     """
     C = plan.C
     mean, var, invstd = np.empty(C), np.empty(C), np.empty(C)
     gamma, beta = _gamma_beta(plan, gamma, beta)
+    rm, rv = _kernel_running(running_mean), _kernel_running(running_var)
+    # an absent running array is replaced by a same-dtype stand-in that is not written,
+    # so that the common cases share one compiled signature
+    stand_in = rv if rm is None else rm
+    if stand_in is None:
+        stand_in = _STAND_IN[x.dtype.char]
+    momentum = 0.0 if momentum is None else float(momentum)
     args = (plan.ints, plan.counts, _ro(x), y, gamma, beta, eps, mean, var, invstd)
-    _call(plan, K.forward_train, *args, STREAM_BYTES)
-    return mean, var, invstd
+    args += (STREAM_BYTES, stand_in if rm is None else rm, stand_in if rv is None else rv)
+    args += (momentum, rm is not None, rv is not None)
+    finite = _call(plan, K.forward_train, *args)
+    for given, used in ((running_mean, rm), (running_var, rv)):
+        if used is not given:
+            given[...] = used
+    return mean, var, invstd, finite
+
+
+def _kernel_running(a):
+    """``a`` itself when kernels can update it (native float32/float64), else a float64
+    copy to be written back (float16, byte-swapped)."""
+    if a is None or (a.dtype.char in "fd" and a.dtype.isnative):
+        return a
+    return a.astype(np.float64)
 
 
 def forward_eval(plan, x, y, gamma, beta, eps, mean, var):

@@ -4,7 +4,6 @@ Validation and views come from ``_checks``, the passes over memory from
 ``_launch``/``_kernels``. Semantics follow PyTorch's ``F.batch_norm``.
 """
 
-import math
 import warnings
 
 import numpy as np
@@ -175,8 +174,11 @@ def batch_norm(
     y, y_flat = _output(view, out)
     if training:
         if x.size:
-            mean, var, invstd = _launch.forward_train(plan, x_flat, y_flat, gamma64, beta64, eps)
-            _nan_policy(mean, var)
+            mean, var, invstd, finite = _launch.forward_train(
+                plan, x_flat, y_flat, gamma64, beta64, eps, running_mean, running_var, momentum
+            )
+            if not finite:
+                _warn_overflow(var)
         else:
             mean = var = invstd = np.full(C, np.nan)
     else:
@@ -185,8 +187,6 @@ def batch_norm(
         invstd = _launch.forward_eval(plan, x_flat, y_flat, gamma64, beta64, eps, mean, var)
     y = _finish(view, y, out)
 
-    if training:
-        _update_running(running_mean, running_var, mean, var, momentum, view.per_channel)
     cache = BatchNormCache(
         x,
         x_flat,
@@ -282,15 +282,10 @@ def _finish(view, result, out):
     return result
 
 
-def _nan_policy(mean, var):
-    """A channel whose variance is NaN (it holds a NaN or an inf) gets a NaN mean too,
-    whatever the position of the inf (the shifted sums may give inf or NaN).
-
-    An infinite variance can only come from finite values whose squared deviations
-    overflow float64 (spread beyond ~1e154): warn, as NumPy's ``var`` does."""
-    if math.isfinite(np.add.reduce(var)):
-        return
-    mean[np.isnan(var)] = np.nan
+def _warn_overflow(var):
+    """An infinite variance can only come from finite values whose squared deviations
+    overflow float64 (spread beyond ~1e154): warn, as NumPy's ``var`` does. (A NaN
+    variance, from a NaN or inf in the channel, already made that channel's mean NaN.)"""
     over = np.flatnonzero(np.isinf(var))
     if over.size:
         warnings.warn(
@@ -299,22 +294,3 @@ def _nan_policy(mean, var):
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-def _update_running(running_mean, running_var, mean, var, momentum, n):
-    """``running = (1 - momentum) * running + momentum * batch``. The term whose factor
-    is 0 is skipped, so ``momentum=1`` replaces an inf running value instead of
-    turning it into NaN (0 * inf), and ``momentum=0`` keeps it."""
-    if momentum == 0.0:
-        return
-    if running_mean is not None:
-        if momentum == 1.0:
-            running_mean[...] = mean
-        else:
-            running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-    if running_var is not None:
-        unbiased = var * (n / (n - 1))
-        if momentum == 1.0:
-            running_var[...] = unbiased
-        else:
-            running_var[...] = (1.0 - momentum) * running_var + momentum * unbiased

@@ -804,11 +804,6 @@ def test_nan_in_eval_mode_stays_in_its_element():
     assert rel_err(y[mask], expected[mask]) < 1e-6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KERNEL BUG (_kernels.backward): eval-mode dx = dy*gamma*invstd does not depend "
-    "on x, but the kernel computes dy*g + (x - m)*0 + 0, so a NaN/inf in x gives NaN dx there",
-)
 def test_eval_backward_dx_does_not_depend_on_x_values():
     x = _x((10, C), dtype=np.float64)
     x[4, 1] = np.inf
