@@ -222,24 +222,36 @@ def _torch_runner(op, case, data, threads):
 # -- timing -------------------------------------------------------------------------------
 
 
-def interleaved_medians(fns, *, rounds, budget_s=None, settle_s=0.002):
-    """Median seconds per callable, timing them round-robin so that bandwidth swings hit
-    all alike. Each is called once untimed first (JIT, caches, page faults).
+def interleaved_medians(fns, *, rounds, budget_s=None, settle_s=0.002, sample_s=0.002, short=()):
+    """Median seconds per call of each callable, sampled round-robin so that bandwidth
+    swings hit all alike.
 
-    ``settle_s`` of sleep precede each timed call: an OpenMP runtime's threads spin for a
-    while after a parallel region, and numba's and torch's would otherwise steal the two
-    cores from whichever implementation runs next.
+    Each callable is called once untimed first (JIT, caches, page faults). A sample times
+    ``number`` back-to-back calls, ``number`` chosen so that a sample lasts about
+    ``sample_s`` (tiny shapes are timed in bursts). ``settle_s`` of sleep precede each
+    sample: an OpenMP runtime's threads spin for a while after a parallel region, and
+    numba's and torch's would otherwise steal the cores from whoever runs next. The
+    callables named in ``short`` (the slow reference) take part in the first three rounds
+    only. With ``budget_s``, rounds stop after that many seconds (three at least).
     """
-    for fn in fns.values():
+    number = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
         fn()
+        once = time.perf_counter() - t0
+        number[name] = max(1, min(1000, int(sample_s / max(once, 1e-7))))
     times = {name: [] for name in fns}
     start = time.perf_counter()
     for r in range(rounds):
         for name, fn in fns.items():
+            if name in short and r >= 3:
+                continue
             time.sleep(settle_s)
+            n = number[name]
             t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(n):
+                fn()
+            times[name].append((time.perf_counter() - t0) / n)
         if budget_s is not None and r >= 2 and time.perf_counter() - start > budget_s:
             break
     return {name: float(np.median(ts)) for name, ts in times.items()}
@@ -274,17 +286,7 @@ def bench_case(case, dtype, ops, impls, *, threads, rounds, budget_s=None, progr
             runner = make_runner(impl, op, case, data, threads=threads)
             if runner is not None:
                 fns[impl] = runner
-        # the slow reference gets fewer rounds
-        med = interleaved_medians(
-            {k: v for k, v in fns.items() if k != "reference"}, rounds=rounds, budget_s=budget_s
-        )
-        if "reference" in fns:
-            ref = interleaved_medians(
-                {"probe": probe, "reference": fns["reference"]},
-                rounds=max(3, rounds // 3),
-                budget_s=budget_s,
-            )
-            med["reference"] = ref["reference"] * med["probe"] / ref["probe"]
+        med = interleaved_medians(fns, rounds=rounds, budget_s=budget_s, short=("reference",))
         layout = "channels_last" if case.channels_last else "contiguous"
         results.append(
             Result(
