@@ -54,8 +54,13 @@ def _check_ndarray(a, name):
     return a
 
 
+_FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def check_array(a, name):
     """``a`` as a float ndarray (native byte order); raise TypeError otherwise."""
+    if type(a) is np.ndarray and a.dtype in _FAST_DTYPES:  # the common case, quickly
+        return a
     a = _check_ndarray(a, name)
     native = _native(a.dtype)
     if native not in _COMPUTE:
@@ -226,6 +231,8 @@ def as_float64(p):
 
 
 def _real(value):
+    if type(value) is float:  # the common case, without the slow ABC check
+        return True
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
@@ -301,6 +308,9 @@ def check_disjoint(written, read):
     if not written:
         return
     read = [(n, a) for n, a in read if a is not None]
+    arrays = [a for _, a in written + read]
+    if all(a.base is None for a in arrays) and len({id(a) for a in arrays}) == len(arrays):
+        return  # distinct arrays that each own their buffer (the common case)
     for i, (name, a) in enumerate(written):
         for other, b in written[i + 1 :] + read:
             if _overlaps(a, b):
