@@ -162,6 +162,45 @@ def view_of(x, axis):
     return x, View(x.shape, axis, channels_last, x.dtype)
 
 
+_views = {}
+
+
+def fast_view(x, axis):
+    """The View of a plain C-contiguous float32/float64 ``x`` with an in-range int ``axis``,
+    from a small cache; None when any of that does not hold, and then the caller runs
+    the full checks (``view_of``), which give the same View or the error."""
+    if type(x) is not np.ndarray or type(axis) is not int or not x.flags.c_contiguous:
+        return None
+    key = (x.shape, axis, x.dtype)
+    view = _views.get(key)
+    if view is None:
+        if x.dtype not in _FAST_DTYPES or x.ndim < 2 or not -x.ndim <= axis < x.ndim:
+            return None
+        if len(_views) > 256:
+            _views.clear()
+        view = _views[key] = View(x.shape, axis % x.ndim, False, x.dtype)
+    return view
+
+
+def fast_channel_params(C, *params):
+    """True when every parameter is None or a plain float32/float64 array of shape (C,)."""
+    for p in params:
+        if p is not None and not (
+            type(p) is np.ndarray and p.dtype in _FAST_DTYPES and p.shape == (C,)
+        ):
+            return False
+    return True
+
+
+def owned_and_distinct(*arrays):
+    """True when the arrays given (None skipped) each own their buffer and are distinct
+    objects: then none can overlap another (the quick form of ``check_disjoint``)."""
+    given = [a for a in arrays if a is not None]
+    if any(a.base is not None for a in given):
+        return False
+    return len({id(a) for a in given}) == len(given)
+
+
 def check_batch(view, training):
     """Training needs more than one value per channel (as in PyTorch)."""
     if not training or view.per_channel > 1:

@@ -101,8 +101,7 @@ def forward_train(plan, x, y, gamma, beta, eps, running_mean=None, running_var=N
     ``gamma``/``beta``: float64 ``(C,)`` or None. Returns float64 ``(mean, var, invstd)``
     (``var`` biased) and whether every variance is finite.
     """
-    C = plan.C
-    mean, var, invstd = np.empty(C), np.empty(C), np.empty(C)
+    mean, var, invstd = np.empty((3, plan.C))
     gamma, beta = _gamma_beta(plan, gamma, beta)
     rm, rv = _kernel_running(running_mean), _kernel_running(running_var)
     # an absent running array is replaced by a same-dtype stand-in that is not written,

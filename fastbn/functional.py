@@ -4,6 +4,7 @@ Validation and views come from ``_checks``, the passes over memory from
 ``_launch``/``_kernels``. Semantics follow PyTorch's ``F.batch_norm``.
 """
 
+import math
 import warnings
 
 import numpy as np
@@ -130,42 +131,60 @@ def batch_norm(
     training; the other channels are unaffected. Running statistics are updated
     with those NaN (as in PyTorch).
     """
-    x, view = _checks.view_of(x, axis)
-    C = view.C
-    gamma = _checks.channel_param(gamma, "gamma", C)
-    beta = _checks.channel_param(beta, "beta", C)
-    eps = _checks.check_eps(eps)
-    training = _checks.check_training(training)
-    if training:
-        running_mean = _checks.channel_param(running_mean, "running_mean", C, writable=True)
-        running_var = _checks.channel_param(running_var, "running_var", C, writable=True)
-        updates = running_mean is not None or running_var is not None
-        momentum = _checks.check_momentum(momentum, required=updates)
-        _checks.check_batch(view, training)
-        if running_mean is not None and running_var is not None and running_mean is running_var:
-            raise ValueError("running_mean and running_var must be different arrays")
-        _checks.check_disjoint(
-            [("running_mean", running_mean), ("running_var", running_var)],
-            [("x", x), ("gamma", gamma), ("beta", beta)],
+    view = _checks.fast_view(x, axis) if out is None and training is True else None
+    if (
+        view is not None
+        and type(eps) is float
+        and 0.0 < eps < math.inf
+        and view.per_channel > 1
+        and _checks.fast_channel_params(view.C, gamma, beta, running_mean, running_var)
+        and (running_mean is None or running_mean.flags.writeable)
+        and (running_var is None or running_var.flags.writeable)
+        and (
+            (type(momentum) is float and 0.0 <= momentum <= 1.0)
+            or (momentum is None and running_mean is None and running_var is None)
         )
+        and _checks.owned_and_distinct(x, gamma, beta, running_mean, running_var)
+    ):
+        # the common case, validated quickly: every check below would pass
+        C = view.C
     else:
-        if running_mean is None or running_var is None:
-            raise ValueError("running_mean and running_var are required when training=False")
-        running_mean = _checks.channel_param(running_mean, "running_mean", C)
-        running_var = _checks.channel_param(running_var, "running_var", C)
-        _checks.check_momentum(momentum, required=False)  # unused, but not nonsense
-    if out is not None:
-        out = _checks.check_out(
-            out,
-            view,
-            [
-                ("x", x, False),
-                ("gamma", gamma, False),
-                ("beta", beta, False),
-                ("running_mean", running_mean, False),
-                ("running_var", running_var, False),
-            ],
-        )
+        x, view = _checks.view_of(x, axis)
+        C = view.C
+        gamma = _checks.channel_param(gamma, "gamma", C)
+        beta = _checks.channel_param(beta, "beta", C)
+        eps = _checks.check_eps(eps)
+        training = _checks.check_training(training)
+        if training:
+            running_mean = _checks.channel_param(running_mean, "running_mean", C, writable=True)
+            running_var = _checks.channel_param(running_var, "running_var", C, writable=True)
+            updates = running_mean is not None or running_var is not None
+            momentum = _checks.check_momentum(momentum, required=updates)
+            _checks.check_batch(view, training)
+            if running_mean is not None and running_var is not None and running_mean is running_var:
+                raise ValueError("running_mean and running_var must be different arrays")
+            _checks.check_disjoint(
+                [("running_mean", running_mean), ("running_var", running_var)],
+                [("x", x), ("gamma", gamma), ("beta", beta)],
+            )
+        else:
+            if running_mean is None or running_var is None:
+                raise ValueError("running_mean and running_var are required when training=False")
+            running_mean = _checks.channel_param(running_mean, "running_mean", C)
+            running_var = _checks.channel_param(running_var, "running_var", C)
+            _checks.check_momentum(momentum, required=False)  # unused, but not nonsense
+        if out is not None:
+            out = _checks.check_out(
+                out,
+                view,
+                [
+                    ("x", x, False),
+                    ("gamma", gamma, False),
+                    ("beta", beta, False),
+                    ("running_mean", running_mean, False),
+                    ("running_var", running_var, False),
+                ],
+            )
 
     plan = _launch.plan_for(view.outer, C, view.inner)
     x_flat = view.flat(x)
