@@ -399,7 +399,7 @@ def run(args):
         cases = [by_name[n] for n in QUICK_CASES]
     else:
         cases = list(CASES)
-    rounds = args.rounds or (5 if args.quick else 9)
+    rounds = args.rounds or (5 if args.quick else 7)
     impls = [i for i in IMPLS if not (i == "torch" and (args.no_torch or torch_or_none() is None))]
 
     print(_header(threads, "torch" in impls))
@@ -437,7 +437,7 @@ def run(args):
                 impls,
                 threads=threads,
                 rounds=rounds,
-                budget_s=2.0 if args.quick else 4.0,
+                budget_s=1.0 if args.quick else 2.0,
             )
             results.extend(res)
             print(format_table(case, res, np.dtype(dtype).itemsize * case.size))
