@@ -51,7 +51,7 @@ _pjit = numba.njit(fastmath=FASTMATH, cache=True, nogil=True, error_model="numpy
 _U = np.uint64
 
 # Layout of the ``plan`` array.
-OUTER, CHANNELS, INNER, BLOCK_LEN, NBLOCKS, NSPLIT, SPLIT_WIDTH, NTASKS, PARALLEL = range(9)
+OUTER, CHANNELS, INNER, BLOCK_LEN, NBLOCKS, NSPLIT, SPLIT_WIDTH, NTASKS, PARALLEL, FUSED = range(10)
 
 
 @_jit
@@ -152,35 +152,37 @@ def moments_parallel(plan, x, s1, s2, shift):
 
 
 @_jit
-def merge_moments(s1, s2, shift, counts, mean, var):
-    """Chan's merge of per-block shifted sums, in block order -> ``mean``, biased ``var``.
+def _merge_channel(s1, s2, shift, counts, c):
+    """Chan's merge of channel ``c``'s per-block shifted sums, in block order ->
+    ``(mean, biased var)``. Block ``b`` holds ``counts[b]`` values with
+    ``s1 = sum(x - shift)`` and ``s2 = sum((x - shift)**2)``."""
+    n = 0.0
+    mu = 0.0
+    m2 = 0.0
+    for blk in range(s1.shape[0]):
+        nb = counts[blk]
+        d = s1[blk, c] / nb
+        mu_b = shift[blk, c] + d
+        m2_b = s2[blk, c] - s1[blk, c] * d
+        if blk == 0:
+            mu = mu_b
+            m2 = m2_b
+            n = nb
+        else:
+            tot = n + nb
+            delta = mu_b - mu
+            mu += delta * (nb / tot)
+            m2 += m2_b + delta * delta * (n * nb / tot)
+            n = tot
+    # m2 may round to a tiny negative for a (nearly) constant channel; keep NaN.
+    return mu, (m2 if m2 > 0.0 or m2 != m2 else 0.0) / n
 
-    Block ``b`` holds ``counts[b]`` values per channel with ``s1 = sum(x - shift)`` and
-    ``s2 = sum((x - shift)**2)``.
-    """
-    nblocks, C = s1.shape
-    for c in range(C):
-        n = 0.0
-        mu = 0.0
-        m2 = 0.0
-        for blk in range(nblocks):
-            nb = counts[blk]
-            d = s1[blk, c] / nb
-            mu_b = shift[blk, c] + d
-            m2_b = s2[blk, c] - s1[blk, c] * d
-            if blk == 0:
-                mu = mu_b
-                m2 = m2_b
-                n = nb
-            else:
-                tot = n + nb
-                delta = mu_b - mu
-                mu += delta * (nb / tot)
-                m2 += m2_b + delta * delta * (n * nb / tot)
-                n = tot
-        mean[c] = mu
-        # m2 may round to a tiny negative for a (nearly) constant channel; keep NaN.
-        var[c] = (m2 if m2 > 0.0 or m2 != m2 else 0.0) / n
+
+@_jit
+def merge_moments(s1, s2, shift, counts, mean, var):
+    """``_merge_channel`` for every channel."""
+    for c in range(s1.shape[1]):
+        mean[c], var[c] = _merge_channel(s1, s2, shift, counts, c)
 
 
 # -- gradient sums -------------------------------------------------------------------------
@@ -355,6 +357,129 @@ def affine_parallel(plan, x, dy, out, m, p, q, g, with_dy, stream):
         _affine_task(plan, t, x, dy, out, m, p, q, g, with_dy, stream)
 
 
+# -- planes that fit in L2: one task per channel, read from memory once per pass ------------
+#
+# When a channel's planes fit in a core's L2 cache, a task that computes the channel's
+# statistics and then writes its outputs re-reads x (and dy) from L2, not from memory.
+# The plan then has one block (``FUSED``): task ``t`` is channel ``t``.
+
+
+@_jit
+def _fused_forward_task(
+    plan, t, x, y, gamma, beta, eps, counts, s1, s2, shift, mean, var, invstd, scale, stream
+):
+    _moments_task(plan, t, x, s1, s2, shift)
+    mean[t], var[t] = _merge_channel(s1, s2, shift, counts, t)
+    invstd[t] = 1.0 / np.sqrt(var[t] + eps)
+    scale[t] = invstd[t] * gamma[t]
+    _affine_task(plan, t, x, x, y, mean, scale, beta, scale, False, stream)
+
+
+@_jit
+def fused_forward_serial(
+    plan, x, y, gamma, beta, eps, counts, s1, s2, shift, mean, var, invstd, scale, stream
+):
+    for t in range(plan[NTASKS]):
+        _fused_forward_task(
+            plan, t, x, y, gamma, beta, eps, counts, s1, s2, shift, mean, var, invstd, scale, stream
+        )
+
+
+@_pjit
+def fused_forward_parallel(
+    plan, x, y, gamma, beta, eps, counts, s1, s2, shift, mean, var, invstd, scale, stream
+):
+    for t in numba.prange(plan[NTASKS]):
+        _fused_forward_task(
+            plan, t, x, y, gamma, beta, eps, counts, s1, s2, shift, mean, var, invstd, scale, stream
+        )
+
+
+@_jit
+def _grad_params(c, sum_dy, sum_dy_xc, invstd, gamma, n, training, dgamma, dbeta, g, p, q):
+    """Channel ``c``'s ``dbeta``, ``dgamma`` and the coefficients of
+    ``dx = dy * g + (x - mean) * p + q``."""
+    dbeta[c] = sum_dy
+    dgamma[c] = sum_dy_xc * invstd[c]
+    g[c] = gamma[c] * invstd[c]
+    if training:
+        p[c] = -g[c] * invstd[c] * (dgamma[c] / n)
+        q[c] = -g[c] * (dbeta[c] / n)
+    else:
+        p[c] = 0.0
+        q[c] = 0.0
+
+
+@_jit
+def _dx_task(plan, t, dy, x, dx, mean, g, p, q, training, stream):
+    if training:
+        _affine_task(plan, t, x, dy, dx, mean, p, q, g, True, stream)
+    else:  # dx = dy * gamma * invstd: x is not read (a NaN there must not leak into dx)
+        _affine_task(plan, t, dy, dy, dx, q, g, q, g, False, stream)
+
+
+@_jit
+def _fused_backward_task(
+    plan, t, dy, x, dx, mean, invstd, gamma, training, s1, s2, dgamma, dbeta, g, p, q, stream
+):
+    _gradsums_task(plan, t, dy, x, mean, s1, s2)
+    n = float(plan[OUTER] * plan[INNER])
+    _grad_params(t, s1[0, t], s2[0, t], invstd, gamma, n, training, dgamma, dbeta, g, p, q)
+    _dx_task(plan, t, dy, x, dx, mean, g, p, q, training, stream)
+
+
+@_jit
+def fused_backward_serial(
+    plan, dy, x, dx, mean, invstd, gamma, training, s1, s2, dgamma, dbeta, g, p, q, stream
+):
+    for t in range(plan[NTASKS]):
+        _fused_backward_task(
+            plan,
+            t,
+            dy,
+            x,
+            dx,
+            mean,
+            invstd,
+            gamma,
+            training,
+            s1,
+            s2,
+            dgamma,
+            dbeta,
+            g,
+            p,
+            q,
+            stream,
+        )
+
+
+@_pjit
+def fused_backward_parallel(
+    plan, dy, x, dx, mean, invstd, gamma, training, s1, s2, dgamma, dbeta, g, p, q, stream
+):
+    for t in numba.prange(plan[NTASKS]):
+        _fused_backward_task(
+            plan,
+            t,
+            dy,
+            x,
+            dx,
+            mean,
+            invstd,
+            gamma,
+            training,
+            s1,
+            s2,
+            dgamma,
+            dbeta,
+            g,
+            p,
+            q,
+            stream,
+        )
+
+
 # -- whole operations: one dispatch from Python per call -----------------------------------
 
 
@@ -408,11 +533,21 @@ def forward_train(
     s1 = np.empty(shape)
     s2 = np.empty(shape)
     shift = np.empty(shape)
-    if plan[PARALLEL]:
-        moments_parallel(plan, x, s1, s2, shift)
+    fused = plan[FUSED] != 0
+    if fused:  # statistics and y, channel by channel
+        stream = y.size * y.itemsize >= stream_bytes
+        scale = np.empty(plan[CHANNELS])
+        args = (plan, x, y, gamma, beta, eps, counts, s1, s2, shift, mean, var, invstd, scale)
+        if plan[PARALLEL]:
+            fused_forward_parallel(*args, stream)
+        else:
+            fused_forward_serial(*args, stream)
     else:
-        moments_serial(plan, x, s1, s2, shift)
-    merge_moments(s1, s2, shift, counts, mean, var)
+        if plan[PARALLEL]:
+            moments_parallel(plan, x, s1, s2, shift)
+        else:
+            moments_serial(plan, x, s1, s2, shift)
+        merge_moments(s1, s2, shift, counts, mean, var)
     finite = True
     n = float(plan[OUTER] * plan[INNER])
     for c in range(mean.shape[0]):
@@ -431,7 +566,8 @@ def forward_train(
                 running_var[c] = unbiased
             else:
                 running_var[c] = _blend(running_var[c], unbiased, momentum)
-    forward_eval(plan, x, y, gamma, beta, eps, mean, var, invstd, stream_bytes)
+    if not fused:
+        forward_eval(plan, x, y, gamma, beta, eps, mean, var, invstd, stream_bytes)
     return finite
 
 
@@ -449,25 +585,31 @@ def forward_eval(plan, x, y, gamma, beta, eps, mean, var, invstd, stream_bytes):
 @_jit
 def backward(plan, dy, x, dx, mean, invstd, gamma, training, dgamma, dbeta, stream_bytes):
     """``dx``; per-channel ``dgamma = sum(dy * xhat)`` and ``dbeta = sum(dy)``."""
-    shape = (plan[NBLOCKS], plan[CHANNELS])
+    C = plan[CHANNELS]
+    shape = (plan[NBLOCKS], C)
     s1 = np.empty(shape)
     s2 = np.empty(shape)
+    g = np.empty(C)
+    p = np.empty(C)
+    q = np.empty(C)
+    stream = dx.size * dx.itemsize >= stream_bytes
+    if plan[FUSED]:  # sums and dx, channel by channel
+        args = (plan, dy, x, dx, mean, invstd, gamma, training, s1, s2, dgamma, dbeta, g, p, q)
+        if plan[PARALLEL]:
+            fused_backward_parallel(*args, stream)
+        else:
+            fused_backward_serial(*args, stream)
+        return
     if plan[PARALLEL]:
         gradsums_parallel(plan, dy, x, mean, s1, s2)
     else:
         gradsums_serial(plan, dy, x, mean, s1, s2)
-    merge_sums(s1, s2, dbeta, dgamma)
-    C = mean.shape[0]
+    sum_dy = np.empty(C)
+    sum_dy_xc = np.empty(C)
+    merge_sums(s1, s2, sum_dy, sum_dy_xc)
     n = float(plan[OUTER] * plan[INNER])
-    g = np.empty(C)
-    p = np.zeros(C)
-    q = np.zeros(C)
     for c in range(C):
-        dgamma[c] *= invstd[c]
-        g[c] = gamma[c] * invstd[c]
-        if training:
-            p[c] = -g[c] * invstd[c] * (dgamma[c] / n)
-            q[c] = -g[c] * (dbeta[c] / n)
+        _grad_params(c, sum_dy[c], sum_dy_xc[c], invstd, gamma, n, training, dgamma, dbeta, g, p, q)
     if training:
         _affine(plan, x, dy, dx, mean, p, q, g, True, stream_bytes)
     else:  # dx = dy * gamma * invstd: x is not read (a NaN there must not leak into dx)

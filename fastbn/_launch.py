@@ -23,17 +23,24 @@ SERIAL_BELOW = 1 << 15
 STREAM_BYTES = 16 << 20
 
 
+# Planes of one channel up to this many bytes are processed by one task that reads them
+# from memory once per pass and again from its core's L2 cache (1 MiB here).
+FUSE_BYTES = 512 << 10
+
+
 class Plan:
-    """How one canonical shape is cut into tasks (see ``fastbn._kernels``).
+    """How one canonical shape of ``itemsize``-byte elements is cut into tasks (see
+    ``fastbn._kernels``).
 
     ``ints`` is what the kernels read: (outer, C, inner, block_len, nblocks, nsplit,
-    split_width, ntasks, parallel); ``counts`` the number of values per block.
+    split_width, ntasks, parallel, fused); ``counts`` the number of values per block.
     """
 
-    __slots__ = ("outer", "C", "inner", "ints", "counts", "parallel", "ones", "zeros")
+    __slots__ = ("outer", "C", "inner", "ints", "counts", "parallel", "fused", "ones", "zeros")
 
-    def __init__(self, outer, C, inner):
+    def __init__(self, outer, C, inner, itemsize):
         self.outer, self.C, self.inner = outer, C, inner
+        self.fused = inner > 1 and outer * inner * itemsize <= FUSE_BYTES
         if inner == 1:
             split_width = C if C <= _MAX_SPLIT_WIDTH else _SPLIT_WIDTH
             nsplit = -(-C // split_width) if C else 0
@@ -41,12 +48,23 @@ class Plan:
         else:
             split_width = 1
             nsplit = C
-            block_len = max(1, _TASK_ELEMENTS // inner)
+            block_len = max(1, outer) if self.fused else max(1, _TASK_ELEMENTS // inner)
         nblocks = max(1, -(-outer // block_len))
         ntasks = nblocks * nsplit
         self.parallel = ntasks > 1 and outer * C * inner >= SERIAL_BELOW
         self.ints = np.array(
-            [outer, C, inner, block_len, nblocks, nsplit, split_width, ntasks, int(self.parallel)],
+            [
+                outer,
+                C,
+                inner,
+                block_len,
+                nblocks,
+                nsplit,
+                split_width,
+                ntasks,
+                int(self.parallel),
+                int(self.fused),
+            ],
             dtype=np.int64,
         )
         counts = np.full(nblocks, float(block_len * inner))
@@ -61,13 +79,13 @@ _plans = {}
 _STAND_IN = {"f": np.zeros(1, np.float32), "d": np.zeros(1, np.float64)}
 
 
-def plan_for(outer, C, inner):
-    key = (outer, C, inner)
+def plan_for(outer, C, inner, itemsize):
+    key = (outer, C, inner, itemsize)
     plan = _plans.get(key)
     if plan is None:
         if len(_plans) > 256:
             _plans.clear()
-        plan = _plans[key] = Plan(outer, C, inner)
+        plan = _plans[key] = Plan(outer, C, inner, itemsize)
     return plan
 
 

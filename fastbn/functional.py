@@ -186,7 +186,7 @@ def batch_norm(
                 ],
             )
 
-    plan = _launch.plan_for(view.outer, C, view.inner)
+    plan = _launch.plan_for(view.outer, C, view.inner, view.compute.itemsize)
     x_flat = view.flat(x)
     gamma64 = None if gamma is None else np.array(gamma, dtype=np.float64)  # a snapshot
     beta64 = None if beta is None else _checks.as_float64(beta)
