@@ -302,7 +302,8 @@ def _affine_task(plan, t, x, dy, out, m, p, q, g, with_dy, stream):
         k = s * C + c0 if rows else (s * C + c0) * inner
         head = seglen
         nlines = _U(0)
-        if stream and seglen >= _U(4 * LINE) and (addr + k * size) % size == 0:
+        # short segments (narrow rows) would pay more in head/tail bookkeeping than they save
+        if stream and seglen >= _U(16 * LINE) and (addr + k * size) % size == 0:
             head = ((_U(64) - (addr + k * size) % _U(64)) % _U(64)) // size
             nlines = (seglen - head) // line
         for part in range(2):  # the head, then the tail after the whole lines
