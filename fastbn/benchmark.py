@@ -370,6 +370,12 @@ def add_arguments(parser):
         help="draw the speedups (needs matplotlib: pip install 'fastbn[plot]')",
     )
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="also time fastbn (out=) forward+backward on 1 thread against "
+        "--threads, interleaved in this process, on the DRAM-sized cases",
+    )
 
 
 def _progress(msg):
@@ -442,6 +448,13 @@ def run(args):
             results.extend(res)
             print(format_table(case, res, np.dtype(dtype).itemsize * case.size))
             sys.stdout.flush()
+    if args.scaling:
+        print(
+            format_scaling(
+                thread_scaling([by_name[n] for n in DRAM_CASES], dtypes, threads, rounds=rounds),
+                threads,
+            )
+        )
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:
         with open(args.json, "w") as fh:
@@ -455,6 +468,39 @@ def run(args):
         plot(results, args.plot, machine_info(threads))
         print(f"wrote {args.plot}")
     return 0
+
+
+def thread_scaling(cases, dtypes, threads, *, rounds):
+    """Median seconds of fastbn (out=) forward+backward on 1 thread and on ``threads``,
+    interleaved in this process: ``[(case, dtype, t1, tn)]``."""
+    rows = []
+    for case in cases:
+        for dtype in dtypes:
+            _progress(f"scaling: {case.name} {dtype}")
+            data = make_data(case, dtype)
+            run = make_runner("fastbn_out", "forward_backward", case, data)
+
+            def on(n, run=run):
+                def timed():
+                    with _threading.num_threads(n):
+                        run()
+
+                return timed
+
+            med = interleaved_medians({"1": on(1), "n": on(threads)}, rounds=rounds)
+            rows.append((case.name, np.dtype(dtype).name, med["1"], med["n"]))
+    return rows
+
+
+def format_scaling(rows, threads):
+    lines = [
+        f"\nthread scaling, fastbn forward+backward with out=: 1 vs {threads} threads",
+        f"{'case':20s}{'dtype':>9s}{'1 thread ms':>13s}{f'{threads} threads ms':>14s}"
+        f"{'speedup':>9s}",
+    ]
+    for name, dtype, t1, tn in rows:
+        lines.append(f"{name:20s}{dtype:>9s}{t1 * 1e3:13.2f}{tn * 1e3:14.2f}{t1 / tn:9.2f}")
+    return "\n".join(lines)
 
 
 def machine_info(threads):
