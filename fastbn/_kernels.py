@@ -19,8 +19,8 @@ or many. Three passes exist:
               cancellation at large offsets), merged with Chan's formula;
 ``gradsums``  per channel ``sum(dy)`` and ``sum(dy * (x - mean))``;
 ``affine``    ``out = (x - m) * p + q``, or ``dy * g + (x - m) * p + q`` for ``dx``,
-              with per-channel float64 ``m, p, q, g``; large outputs are written with
-              streaming stores (``fastbn._stream``).
+              with per-channel float64 ``m, p, q, g``; outputs above a size may be
+              written with streaming stores (``fastbn._stream``; off by default).
 
 All arithmetic is float64 whatever the storage dtype (float32 or float64: one
 generic source, compiled lazily per dtype). Indices are unsigned so that Numba

@@ -17,10 +17,12 @@ _MAX_SPLIT_WIDTH = 4096
 _SPLIT_WIDTH = 1024
 # Below this many elements a parallel region costs more than it saves.
 SERIAL_BELOW = 1 << 15
-# Outputs of at least this many bytes are written with streaming (non-temporal) stores:
-# they would not stay in the last-level cache anyway, and streaming saves the read of
-# each destination line. Smaller outputs stay in cache for whoever reads them next.
-STREAM_BYTES = 16 << 20
+# Outputs of at least this many bytes are written with streaming (non-temporal) stores,
+# which skip the read of each destination line (see ``fastbn._stream``). Off by default:
+# on the 2-core EPYC VM this was developed on they measured no faster, and up to 1.5x
+# slower, than ordinary stores in every case tried (rows of 64 to 16384 channels, NCHW),
+# interleaved in one process. Set e.g. ``16 << 20`` to use them for outputs of 16 MiB+.
+STREAM_BYTES = 1 << 62
 
 
 # Planes of one channel up to this many bytes are processed by one task that reads them
