@@ -51,7 +51,20 @@ _pjit = numba.njit(fastmath=FASTMATH, cache=True, nogil=True, error_model="numpy
 _U = np.uint64
 
 # Layout of the ``plan`` array.
-OUTER, CHANNELS, INNER, BLOCK_LEN, NBLOCKS, NSPLIT, SPLIT_WIDTH, NTASKS, PARALLEL, FUSED = range(10)
+(
+    OUTER,
+    CHANNELS,
+    INNER,
+    BLOCK_LEN,
+    NBLOCKS,
+    NSPLIT,
+    SPLIT_WIDTH,
+    NTASKS,
+    PARALLEL,
+    FUSED,
+    AFFINE_BLOCK,
+    AFFINE_TASKS,
+) = range(12)
 
 
 @_jit
@@ -180,9 +193,30 @@ def _merge_channel(s1, s2, shift, counts, c):
 
 @_jit
 def merge_moments(s1, s2, shift, counts, mean, var):
-    """``_merge_channel`` for every channel."""
-    for c in range(s1.shape[1]):
-        mean[c], var[c] = _merge_channel(s1, s2, shift, counts, c)
+    """Chan's merge of every channel's per-block shifted sums, in block order (the same
+    formula as ``_merge_channel``), with the blocks outermost so that the loop over
+    channels vectorizes: per-block weights are shared by all channels."""
+    nblocks, C = s1.shape
+    m2 = np.empty(C)
+    n = counts[0]
+    for c in range(C):
+        d = s1[0, c] / n
+        mean[c] = shift[0, c] + d
+        m2[c] = s2[0, c] - s1[0, c] * d
+    for blk in range(1, nblocks):
+        nb = counts[blk]
+        tot = n + nb
+        w_mean = nb / tot
+        w_m2 = n * nb / tot
+        for c in range(C):
+            d = s1[blk, c] / nb
+            delta = (shift[blk, c] + d) - mean[c]
+            mean[c] += delta * w_mean
+            m2[c] += (s2[blk, c] - s1[blk, c] * d) + delta * delta * w_m2
+        n = tot
+    for c in range(C):
+        # m2 may round to a tiny negative for a (nearly) constant channel; keep NaN.
+        var[c] = (m2[c] if m2[c] > 0.0 or m2[c] != m2[c] else 0.0) / n
 
 
 # -- gradient sums -------------------------------------------------------------------------
@@ -265,16 +299,16 @@ def gradsums_parallel(plan, dy, x, mean, s1, s2):
 
 @_jit
 def merge_sums(s1, s2, sum1, sum2):
-    """Per-channel sums of block partials, in block order."""
+    """Per-channel sums of block partials, in block order (channels innermost, so the
+    loop vectorizes)."""
     nblocks, C = s1.shape
     for c in range(C):
-        a = 0.0
-        b = 0.0
-        for blk in range(nblocks):
-            a += s1[blk, c]
-            b += s2[blk, c]
-        sum1[c] = a
-        sum2[c] = b
+        sum1[c] = s1[0, c]
+        sum2[c] = s2[0, c]
+    for blk in range(1, nblocks):
+        for c in range(C):
+            sum1[c] += s1[blk, c]
+            sum2[c] += s2[blk, c]
 
 
 # -- elementwise: y or dx ------------------------------------------------------------------
@@ -289,10 +323,15 @@ def _affine_task(plan, t, x, dy, out, m, p, q, g, with_dy, stream):
     loops. All loops are inline here: a call per row would increment and decrement the
     reference count of every array argument, atomics that the threads contend on.
     """
-    _, lo, hi, c0, c1 = _task(plan, t)
     C = _U(plan[CHANNELS])
     inner = _U(plan[INNER])
     rows = inner == 1
+    if rows:  # whole rows (see AFFINE_BLOCK)
+        lo = _U(t * plan[AFFINE_BLOCK])
+        hi = _U(min(plan[OUTER], (t + 1) * plan[AFFINE_BLOCK]))
+        c0, c1 = _U(0), C
+    else:
+        _, lo, hi, c0, c1 = _task(plan, t)
     seglen = c1 - c0 if rows else inner
     size = _U(out.itemsize)
     addr = _U(out.ctypes.data)
@@ -348,13 +387,13 @@ def _affine_task(plan, t, x, dy, out, m, p, q, g, with_dy, stream):
 
 @_jit
 def affine_serial(plan, x, dy, out, m, p, q, g, with_dy, stream):
-    for t in range(plan[NTASKS]):
+    for t in range(plan[AFFINE_TASKS]):
         _affine_task(plan, t, x, dy, out, m, p, q, g, with_dy, stream)
 
 
 @_pjit
 def affine_parallel(plan, x, dy, out, m, p, q, g, with_dy, stream):
-    for t in numba.prange(plan[NTASKS]):
+    for t in numba.prange(plan[AFFINE_TASKS]):
         _affine_task(plan, t, x, dy, out, m, p, q, g, with_dy, stream)
 
 

@@ -15,6 +15,14 @@ _TASK_ELEMENTS = 1 << 16
 # Row chunks wider than this are split into column chunks (rows family).
 _MAX_SPLIT_WIDTH = 4096
 _SPLIT_WIDTH = 1024
+# Row blocks: each has a row of partial sums per channel, in (nblocks, C) float64 buffers
+# allocated per call, and fresh multi-MiB buffers cost a page fault per 4 KiB: measured
+# as a quarter to half a pass over the data on (16384, 1024) and (1024, 16384) float32
+# with 256 and 16 blocks. So (rows family) blocks grow until there are at most _MAX_BLOCKS
+# of them and a buffer holds at most _MAX_PARTIALS values; wide rows still give many
+# tasks through their column splits.
+_MAX_BLOCKS = 64
+_MAX_PARTIALS = 1 << 15
 # Below this many elements a parallel region costs more than it saves.
 SERIAL_BELOW = 1 << 15
 # Outputs of at least this many bytes are written with streaming (non-temporal) stores,
@@ -35,7 +43,10 @@ class Plan:
     ``fastbn._kernels``).
 
     ``ints`` is what the kernels read: (outer, C, inner, block_len, nblocks, nsplit,
-    split_width, ntasks, parallel, fused); ``counts`` the number of values per block.
+    split_width, ntasks, parallel, fused, affine_block, affine_tasks); ``counts`` the
+    number of values per block. The elementwise pass of the rows family keeps no
+    per-column state, so its tasks are ``affine_block`` whole rows: a wide row is
+    streamed from start to end instead of in ``split_width`` pieces a page apart.
     """
 
     __slots__ = ("outer", "C", "inner", "ints", "counts", "parallel", "fused", "ones", "zeros")
@@ -46,13 +57,19 @@ class Plan:
         if inner == 1:
             split_width = C if C <= _MAX_SPLIT_WIDTH else _SPLIT_WIDTH
             nsplit = -(-C // split_width) if C else 0
-            block_len = max(4, _TASK_ELEMENTS // max(split_width, 1))
+            max_blocks = max(1, min(_MAX_BLOCKS, _MAX_PARTIALS // max(C, 1)))
+            block_len = max(4, _TASK_ELEMENTS // max(split_width, 1), -(-outer // max_blocks))
         else:
             split_width = 1
             nsplit = C
             block_len = max(1, outer) if self.fused else max(1, _TASK_ELEMENTS // inner)
         nblocks = max(1, -(-outer // block_len))
         ntasks = nblocks * nsplit
+        if inner == 1:
+            affine_block = max(1, _TASK_ELEMENTS // max(C, 1))
+            affine_tasks = max(1, -(-outer // affine_block))
+        else:
+            affine_block, affine_tasks = block_len, ntasks
         self.parallel = ntasks > 1 and outer * C * inner >= SERIAL_BELOW
         self.ints = np.array(
             [
@@ -66,6 +83,8 @@ class Plan:
                 ntasks,
                 int(self.parallel),
                 int(self.fused),
+                affine_block,
+                affine_tasks,
             ],
             dtype=np.int64,
         )
