@@ -8,10 +8,11 @@ intrinsics here build the LLVM IR of one 16-element step of the elementwise form
     out[k:k+16] = (x[k:k+16] - m) * p + q                 (forward)
     out[k:k+16] = dy[k:k+16] * g + (x[k:k+16] - m) * p + q  (backward dx)
 
-with float64 arithmetic (``llvm.fmuladd``, rounding exactly as ``fmuladd`` below, so that
-streamed and ordinary elements get the same bits), the channel parameters ``m, p, q, g``
-taken at ``j:j+16`` (rows: one channel per element) or at ``j`` (planes: one channel),
-and a vector store tagged ``!nontemporal``. ``&out[k]`` must be 64-byte aligned.
+in the storage dtype of ``out`` (float32 or float64; the channel parameters ``m, p, q, g``
+are arrays of that dtype, taken at ``j:j+16`` for rows, one channel per element, or at
+``j`` for planes, one channel), with ``llvm.fmuladd`` rounding exactly as ``fmuladd``
+below, so that streamed and ordinary elements get the same bits, and a vector store
+tagged ``!nontemporal``. ``&out[k]`` must be 64-byte aligned.
 ``store_fence`` orders the streaming stores before later ones (each task ends with it).
 Elsewhere than x86-64 the stores are ordinary and the fence is nothing.
 """
@@ -30,7 +31,7 @@ def _make_line(per_element, with_dy):
     @intrinsic
     def line(typingctx, out, x, dy, m, p, q, g, k, j):
         arrays = (out, x, dy, m, p, q, g)
-        if not all(isinstance(a, types.Array) for a in arrays):
+        if not all(isinstance(a, types.Array) and a.dtype == out.dtype for a in arrays):
             return None
         if not (isinstance(k, types.Integer) and isinstance(j, types.Integer)):
             return None
@@ -45,41 +46,37 @@ def _make_line(per_element, with_dy):
 
             elem = context.get_data_type(tys[0].dtype)
             size = context.get_abi_sizeof(elem)
-            f64 = ir.DoubleType()
             vec_t = ir.VectorType(elem, LINE)
-            vec_d = ir.VectorType(f64, LINE)
 
             def load_data(ptr):
-                v = builder.load(
+                return builder.load(
                     builder.bitcast(builder.gep(ptr, [k_v]), vec_t.as_pointer()), align=size
                 )
-                return v if elem == f64 else builder.fpext(v, vec_d)
 
             def load_param(ptr):
                 if per_element:
                     return builder.load(
-                        builder.bitcast(builder.gep(ptr, [j_v]), vec_d.as_pointer()), align=8
+                        builder.bitcast(builder.gep(ptr, [j_v]), vec_t.as_pointer()), align=size
                     )
                 scalar = builder.load(builder.gep(ptr, [j_v]))
                 one = builder.insert_element(
-                    ir.Constant(vec_d, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0)
+                    ir.Constant(vec_t, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0)
                 )
                 return builder.shuffle_vector(
                     one,
-                    ir.Constant(vec_d, ir.Undefined),
+                    ir.Constant(vec_t, ir.Undefined),
                     ir.Constant(ir.VectorType(ir.IntType(32), LINE), [0] * LINE),
                 )
 
+            suffix = f"v{LINE}f{8 * size}"
             fmuladd = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vec_d, [vec_d] * 3), "llvm.fmuladd.v16f64"
+                builder.module, ir.FunctionType(vec_t, [vec_t] * 3), "llvm.fmuladd." + suffix
             )
             xc = builder.fsub(load_data(data(1, x_v)), load_param(data(3, m_v)))
             value = builder.call(fmuladd, [xc, load_param(data(4, p_v)), load_param(data(5, q_v))])
             if with_dy:
                 dyv = load_data(data(2, dy_v))
                 value = builder.call(fmuladd, [dyv, load_param(data(6, g_v)), value])
-            if elem != f64:
-                value = builder.fptrunc(value, vec_t)
             dest = builder.bitcast(builder.gep(data(0, out_v), [k_v]), vec_t.as_pointer())
             store = builder.store(value, dest, align=64)
             if _X86:
@@ -114,19 +111,17 @@ def store_fence(typingctx):
 
 @intrinsic
 def fmuladd(typingctx, a, b, c):
-    """``a * b + c`` as ``llvm.fmuladd.f64``: fused where the processor can, the same way in
-    scalar and vector code (so the loops and the streaming lines round alike)."""
-    if not all(isinstance(v, types.Float) for v in (a, b, c)):
+    """``a * b + c`` as ``llvm.fmuladd`` in the type of ``a``, ``b`` and ``c`` (all float32
+    or all float64): fused where the processor can, the same way in scalar and vector code
+    (so the loops and the streaming lines round alike)."""
+    if not (isinstance(a, types.Float) and a == b == c):
         return None
-    sig = types.float64(types.float64, types.float64, types.float64)
+    sig = a(a, a, a)
 
     def codegen(context, builder, signature, args):
-        f64 = ir.DoubleType()
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(f64, [f64] * 3), "llvm.fmuladd.f64"
-        )
-        return builder.call(
-            fn, [context.cast(builder, v, t, types.float64) for v, t in zip(args, signature.args)]
-        )
+        ty = context.get_value_type(signature.return_type)
+        name = f"llvm.fmuladd.f{8 * context.get_abi_sizeof(ty)}"
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty] * 3), name)
+        return builder.call(fn, list(args))
 
     return sig, codegen

@@ -36,7 +36,10 @@ def test_streamed_equals_cached_stores(layout, dtype, stream_everything):
         np.testing.assert_array_equal(plain, streamed)
 
 
-@pytest.mark.parametrize("shape", [(300, 77), (40, 301), (7, 3, 301), (129, 5000), (2, 64, 16)])
+@pytest.mark.parametrize(
+    "shape",
+    [(300, 77), (40, 301), (1000, 3), (999, 1), (500, 16), (7, 3, 301), (129, 5000), (2, 64, 16)],
+)
 @pytest.mark.parametrize("offset", [0, 1, 3])
 def test_streamed_into_unaligned_out(shape, offset, stream_everything):
     """``out=`` views that start 4 or 12 bytes past a line boundary."""
