@@ -13,6 +13,7 @@ from . import _cache_dir  # noqa: F401  # isort: skip  (first: Numba's cache dir
 from . import reference
 
 # _threading first among the kernels' users: it picks the threading layer before any kernel.
+from ._memory import pool_held, pool_limit, set_pool_limit
 from ._threading import get_num_threads, num_threads, set_num_threads, threading_layer_name
 from .functional import BatchNormCache, batch_norm, batch_norm_backward
 from .layer import BatchNorm
@@ -29,5 +30,8 @@ __all__ = [
     "get_num_threads",
     "num_threads",
     "threading_layer_name",
+    "set_pool_limit",
+    "pool_limit",
+    "pool_held",
     "__version__",
 ]

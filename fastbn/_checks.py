@@ -20,6 +20,8 @@ import operator
 
 import numpy as np
 
+from . import _memory
+
 _COMPUTE = {
     np.dtype(np.float16): np.dtype(np.float32),
     np.dtype(np.float32): np.dtype(np.float32),
@@ -54,7 +56,8 @@ def _check_ndarray(a, name):
     return a
 
 
-_FAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
+_FAST_DTYPES = (_FLOAT32, _FLOAT64)
 
 
 def check_array(a, name):
@@ -116,9 +119,9 @@ class View:
     def empty(self):
         """A new output: ``(user_array, flat_buffer)`` with x's memory layout."""
         if self.channels_last:
-            moved = np.empty(self._moved_shape(), self.compute)
+            moved = _memory.empty(self._moved_shape(), self.compute)
             return np.moveaxis(moved, -1, self.axis), moved.reshape(-1)
-        a = np.empty(self.shape, self.compute)
+        a = _memory.empty(self.shape, self.compute)
         return a, a.reshape(-1)
 
     def writable_flat(self, out):
@@ -183,10 +186,14 @@ def fast_view(x, axis):
 
 
 def fast_channel_params(C, *params):
-    """True when every parameter is None or a plain float32/float64 array of shape (C,)."""
+    """True when every parameter is None or a plain native float32/float64 array of shape
+    (C,)."""
     for p in params:
         if p is not None and not (
-            type(p) is np.ndarray and p.dtype in _FAST_DTYPES and p.shape == (C,)
+            type(p) is np.ndarray
+            and (p.dtype is _FLOAT32 or p.dtype is _FLOAT64)
+            and p.ndim == 1
+            and p.shape[0] == C
         ):
             return False
     return True
@@ -194,11 +201,20 @@ def fast_channel_params(C, *params):
 
 def owned_and_distinct(*arrays):
     """True when the arrays given (None skipped) each own their buffer and are distinct
-    objects: then none can overlap another (the quick form of ``check_disjoint``)."""
-    given = [a for a in arrays if a is not None]
-    if any(a.base is not None for a in given):
-        return False
-    return len({id(a) for a in given}) == len(given)
+    objects: then none can overlap another (the quick form of ``check_disjoint``). An
+    output whose memory fastbn recycles (``fastbn._memory``) owns it through its lease."""
+    seen = []
+    for a in arrays:
+        if a is None:
+            continue
+        base = a.base
+        if base is not None and type(base) is not _memory.Lease:
+            return False
+        for b in seen:
+            if b is a:
+                return False
+        seen.append(a)
+    return True
 
 
 def check_batch(view, training):

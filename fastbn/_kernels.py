@@ -46,6 +46,11 @@ from ._stream import (
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 _jit = numba.njit(fastmath=FASTMATH, cache=True, nogil=True, error_model="numpy")
+# small per-channel helpers, inlined into their callers' Numba IR: no call, no reference
+# counting of the array arguments per channel
+_inline = numba.njit(
+    fastmath=FASTMATH, cache=True, nogil=True, error_model="numpy", inline="always"
+)
 _pjit = numba.njit(fastmath=FASTMATH, cache=True, nogil=True, error_model="numpy", parallel=True)
 
 _U = np.uint64
@@ -333,16 +338,16 @@ def merge_sums(s1, s2, sum1, sum2):
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
-@_jit
-def _narrow(dest, c, value):
-    """``dest[c] = value`` in ``dest``'s dtype, a finite value staying finite (float32:
+@_inline
+def _narrow(work, i, c, value):
+    """``work[i, c] = value`` in ``work``'s dtype, a finite value staying finite (float32:
     clamped to the largest float32 instead of becoming inf)."""
-    dest[c] = value
-    if np.isinf(dest[c]) and np.isfinite(value):
-        dest[c] = np.copysign(_FLOAT32_MAX, value)
+    work[i, c] = value
+    if np.isinf(work[i, c]) and np.isfinite(value):
+        work[i, c] = np.copysign(_FLOAT32_MAX, value)
 
 
-@_jit
+@_inline
 def _working_channel(m, p, q, g, c, work):
     """Channel ``c``'s coefficients of ``(x - m) * p + q`` (plus ``dy * g``), float64, as
     ``work[0:4, c]`` in the storage dtype, for the elementwise loops, which compute in
@@ -354,13 +359,13 @@ def _working_channel(m, p, q, g, c, work):
     data costs no digits, and each output is a float32 fused multiply-add within about
     one unit in the last place of the float64 formula rounded once.
     """
-    _narrow(work[0], c, m[c])
-    _narrow(work[1], c, p[c])
+    _narrow(work, 0, c, m[c])
+    _narrow(work, 1, c, p[c])
     if work[0, c] == m[c]:
-        _narrow(work[2], c, q[c])
+        _narrow(work, 2, c, q[c])
     else:
-        _narrow(work[2], c, q[c] - (m[c] - work[0, c]) * p[c])
-    _narrow(work[3], c, g[c])
+        _narrow(work, 2, c, q[c] - (m[c] - work[0, c]) * p[c])
+    _narrow(work, 3, c, g[c])
 
 
 @_jit

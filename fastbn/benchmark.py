@@ -226,7 +226,8 @@ def interleaved_medians(fns, *, rounds, budget_s=None, settle_s=0.002, sample_s=
     """Median seconds per call of each callable, sampled round-robin so that bandwidth
     swings hit all alike.
 
-    Each callable is called once untimed first (JIT, caches, page faults). A sample times
+    Each callable is called twice untimed first (JIT, caches, page faults; the second
+    call's time sets the burst length). A sample times
     ``number`` back-to-back calls, ``number`` chosen so that a sample lasts about
     ``sample_s`` (tiny shapes are timed in bursts). ``settle_s`` of sleep precede each
     sample: an OpenMP runtime's threads spin for a while after a parallel region, and
@@ -236,8 +237,9 @@ def interleaved_medians(fns, *, rounds, budget_s=None, settle_s=0.002, sample_s=
     """
     number = {}
     for name, fn in fns.items():
-        t0 = time.perf_counter()
         fn()
+        t0 = time.perf_counter()
+        fn()  # a warm call: the first one may be far slower and would make bursts too short
         once = time.perf_counter() - t0
         number[name] = max(1, min(1000, int(sample_s / max(once, 1e-7))))
     times = {name: [] for name in fns}
