@@ -145,19 +145,33 @@ def _moments_rows(x, C, r0, r1, c0, c1, s1, s2, shift):
 
 @_jit
 def _moments_planes(x, C, inner, o0, o1, c, s1, s2, shift):
+    """Two planes at a time: two streams from memory at once keep more reads in flight
+    than one (each plane is short, and the prefetcher starts over at every plane)."""
     s = np.float64(x[(o0 * C + c) * inner])
     acc1 = 0.0
     acc2 = 0.0
-    for o in range(o0, o1):
+    o = o0
+    while o < o1:
         base = (o * C + c) * inner
+        pair = o + _U(1) < o1
+        other = base + C * inner if pair else base
         p1 = 0.0
         p2 = 0.0
+        q1 = 0.0
+        q2 = 0.0
         for i in range(inner):
             d = x[base + i] - s
             p1 += d
             p2 += d * d
+            e = x[other + i] - s
+            q1 += e
+            q2 += e * e
         acc1 += p1
         acc2 += p2
+        if pair:
+            acc1 += q1
+            acc2 += q2
+        o += _U(2)
     s1[c] = acc1
     s2[c] = acc2
     shift[c] = s
@@ -280,19 +294,32 @@ def _gradsums_rows(dy, x, C, r0, r1, c0, c1, mean, s1, s2):
 
 @_jit
 def _gradsums_planes(dy, x, C, inner, o0, o1, c, mean, s1, s2):
+    """Two planes at a time, as ``_moments_planes``."""
     m = mean[c]
     acc1 = 0.0
     acc2 = 0.0
-    for o in range(o0, o1):
+    o = o0
+    while o < o1:
         base = (o * C + c) * inner
+        pair = o + _U(1) < o1
+        other = base + C * inner if pair else base
         p1 = 0.0
         p2 = 0.0
+        q1 = 0.0
+        q2 = 0.0
         for i in range(inner):
             g = np.float64(dy[base + i])
             p1 += g
             p2 += g * (x[base + i] - m)
+            h = np.float64(dy[other + i])
+            q1 += h
+            q2 += h * (x[other + i] - m)
         acc1 += p1
         acc2 += p2
+        if pair:
+            acc1 += q1
+            acc2 += q2
+        o += _U(2)
     s1[c] = acc1
     s2[c] = acc2
 
