@@ -5,7 +5,8 @@ made by ``fastbn._launch.Plan``) describes its canonical 3-D shape and how the w
 is cut into tasks. Two families of loops cover every layout:
 
 * rows (``inner == 1``): each row holds C contiguous channel values; loops run
-  along a row (vectorized over channels) for a block of rows and a chunk of columns;
+  along a row (vectorized over channels) for a block of rows and a chunk of columns
+  (one row per sweep, or four where the prefetcher allows: ``_four_row_sweeps``);
 * planes (``inner > 1``): each ``(o, c)`` plane of ``inner`` values is contiguous;
   loops run along the plane for a block of ``outer`` indices of one channel.
 
@@ -19,11 +20,15 @@ or many. Three passes exist:
               cancellation at large offsets), merged with Chan's formula;
 ``gradsums``  per channel ``sum(dy)`` and ``sum(dy * (x - mean))``;
 ``affine``    ``out = (x - m) * p + q``, or ``dy * g + (x - m) * p + q`` for ``dx``,
-              with per-channel float64 ``m, p, q, g``; outputs above a size may be
-              written with streaming stores (``fastbn._stream``; off by default).
+              with per-channel ``m, p, q, g`` computed in float64 and stored in the
+              data's dtype by ``_working`` (the mean split exactly, see there); its
+              tasks are whole rows in the rows family; outputs of at least
+              ``fastbn._launch.STREAM_BYTES`` are written with streaming stores
+              (``fastbn._stream``).
 
-All arithmetic is float64 whatever the storage dtype (float32 or float64: one
-generic source, compiled lazily per dtype). Indices are unsigned so that Numba
+Sums and statistics are float64 whatever the storage dtype; the elementwise pass
+computes in the storage dtype (float32 or float64: one generic source, compiled
+lazily per dtype). Indices are unsigned so that Numba
 emits no negative-index wraparound, which would defeat vectorization. Each pass
 has a serial and a ``parallel=True`` driver that are distinct functions, because
 Numba's on-disk cache does not key on ``parallel=``.
