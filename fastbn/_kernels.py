@@ -372,18 +372,21 @@ _FLOAT32_MAX = 3.4028234663852886e38
 
 @_inline
 def _narrow(work, i, c, value):
-    """``work[i, c] = value`` in ``work``'s dtype, a finite value staying finite (float32:
-    clamped to the largest float32 instead of becoming inf)."""
+    """``work[i, c] = value`` in ``work``'s dtype. True when a finite value does not fit
+    (float32 beyond 3.4e38); it is then clamped to the largest float32, and the caller
+    must redo the pass in float64 (``fastbn._launch``)."""
     work[i, c] = value
     if np.isinf(work[i, c]) and np.isfinite(value):
         work[i, c] = np.copysign(_FLOAT32_MAX, value)
+        return True
+    return False
 
 
 @_inline
 def _working_channel(m, p, q, g, c, work):
     """Channel ``c``'s coefficients of ``(x - m) * p + q`` (plus ``dy * g``), float64, as
     ``work[0:4, c]`` in the storage dtype, for the elementwise loops, which compute in
-    that dtype.
+    that dtype; ``work[4, c]`` is 1 when one of them does not fit the dtype, else 0.
 
     float64 storage: the same values. float32: ``m`` is split into its float32 rounding
     ``work[0]`` and the remainder, which moves into ``work[2] = q - (m - work[0]) * p``;
@@ -391,22 +394,37 @@ def _working_channel(m, p, q, g, c, work):
     data costs no digits, and each output is a float32 fused multiply-add within about
     one unit in the last place of the float64 formula rounded once.
     """
-    _narrow(work, 0, c, m[c])
-    _narrow(work, 1, c, p[c])
+    clamped = _narrow(work, 0, c, m[c])
+    clamped |= _narrow(work, 1, c, p[c])
     if work[0, c] == m[c]:
-        _narrow(work, 2, c, q[c])
+        clamped |= _narrow(work, 2, c, q[c])
     else:
-        _narrow(work, 2, c, q[c] - (m[c] - work[0, c]) * p[c])
-    _narrow(work, 3, c, g[c])
+        clamped |= _narrow(work, 2, c, q[c] - (m[c] - work[0, c]) * p[c])
+    clamped |= _narrow(work, 3, c, g[c])
+    work[4, c] = 1.0 if clamped else 0.0
+
+
+@_jit
+def _new_work(out, C):
+    """The ``(5, C + LINE)`` array of ``_working_channel`` in ``out``'s dtype."""
+    return np.empty((5, C + LINE), out.dtype)
+
+
+@_jit
+def _any_clamped(work, C):
+    for c in range(C):
+        if work[4, c] != 0.0:
+            return True
+    return False
 
 
 @_jit
 def _working(out, m, p, q, g):
-    """``_working_channel`` for every channel, in ``out``'s dtype, as a ``(4, C + LINE)``
+    """``_working_channel`` for every channel, in ``out``'s dtype, as a ``(5, C + LINE)``
     array whose columns repeat with period ``C`` (a streamed line of a row may run past
     the row's last channel into the next row's first)."""
     C = m.shape[0]
-    work = np.empty((4, C + LINE), out.dtype)
+    work = _new_work(out, C)
     for c in range(C):
         _working_channel(m, p, q, g, c, work)
     for c in range(C, C + LINE if C else C):
@@ -693,7 +711,8 @@ def fused_backward_parallel(
 
 @_jit
 def _affine(plan, x, dy, out, m, p, q, g, with_dy, stream_bytes):
-    """The elementwise pass with float64 coefficients ``m, p, q, g``."""
+    """The elementwise pass with float64 coefficients ``m, p, q, g``. Returns True when
+    they do not fit the storage dtype (then ``out`` is not right: see ``_narrow``)."""
     stream = out.size * out.itemsize >= stream_bytes
     work = _working(out, m, p, q, g)
     args = (plan, x, dy, out, work[0], work[1], work[2], work[3], with_dy, stream)
@@ -701,6 +720,7 @@ def _affine(plan, x, dy, out, m, p, q, g, with_dy, stream_bytes):
         affine_parallel(*args)
     else:
         affine_serial(*args)
+    return _any_clamped(work, m.shape[0])
 
 
 @_jit
@@ -737,8 +757,9 @@ def forward_train(
     A channel whose variance is NaN (it holds a NaN or an inf) gets a NaN mean too. The
     running statistics, when ``update_*``, become ``(1 - momentum) * running + momentum *
     batch`` (unbiased variance); a term whose factor is 0 is skipped, so ``momentum=1``
-    replaces an inf running value instead of making it NaN. Returns False when some
-    variance is not finite.
+    replaces an inf running value instead of making it NaN. Returns ``(finite, fits)``:
+    False when some variance is not finite; False when the elementwise coefficients do
+    not fit the storage dtype and ``y`` must be redone in float64 (see ``_narrow``).
     """
     shape = (plan[NBLOCKS], plan[CHANNELS])
     s1 = np.empty(shape)
@@ -748,7 +769,7 @@ def forward_train(
     if fused:  # statistics and y, channel by channel
         stream = y.size * y.itemsize >= stream_bytes
         scale = np.empty(plan[CHANNELS])
-        work = np.empty((4, plan[CHANNELS]), y.dtype)
+        work = _new_work(y, plan[CHANNELS])
         args = (plan, x, y, gamma, beta, eps, counts, s1, s2, shift, mean, var, invstd, scale, work)
         if plan[PARALLEL]:
             fused_forward_parallel(*args, stream)
@@ -778,25 +799,29 @@ def forward_train(
                 running_var[c] = unbiased
             else:
                 running_var[c] = _blend(running_var[c], unbiased, momentum)
-    if not fused:
-        forward_eval(plan, x, y, gamma, beta, eps, mean, var, invstd, stream_bytes)
-    return finite
+    if fused:
+        fits = not _any_clamped(work, plan[CHANNELS])
+    else:
+        fits = forward_eval(plan, x, y, gamma, beta, eps, mean, var, invstd, stream_bytes)
+    return finite, fits
 
 
 @_jit
 def forward_eval(plan, x, y, gamma, beta, eps, mean, var, invstd, stream_bytes):
-    """``y = (x - mean) * invstd * gamma + beta`` with ``invstd = 1 / sqrt(var + eps)``."""
+    """``y = (x - mean) * invstd * gamma + beta`` with ``invstd = 1 / sqrt(var + eps)``.
+    Returns False when ``y`` must be redone in float64 (see ``_narrow``)."""
     C = mean.shape[0]
     scale = np.empty(C)
     for c in range(C):
         invstd[c] = 1.0 / np.sqrt(var[c] + eps)
         scale[c] = invstd[c] * gamma[c]
-    _affine(plan, x, x, y, mean, scale, beta, scale, False, stream_bytes)
+    return not _affine(plan, x, x, y, mean, scale, beta, scale, False, stream_bytes)
 
 
 @_jit
 def backward(plan, dy, x, dx, mean, invstd, gamma, training, dgamma, dbeta, stream_bytes):
-    """``dx``; per-channel ``dgamma = sum(dy * xhat)`` and ``dbeta = sum(dy)``."""
+    """``dx``; per-channel ``dgamma = sum(dy * xhat)`` and ``dbeta = sum(dy)``. Returns False
+    when ``dx`` must be redone in float64 (see ``_narrow``)."""
     C = plan[CHANNELS]
     shape = (plan[NBLOCKS], C)
     s1 = np.empty(shape)
@@ -806,7 +831,7 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training, dgamma, dbeta, stre
     q = np.empty(C)
     stream = dx.size * dx.itemsize >= stream_bytes
     if plan[FUSED]:  # sums and dx, channel by channel
-        work = np.empty((4, C), dx.dtype)
+        work = _new_work(dx, C)
         args = (
             plan,
             dy,
@@ -829,7 +854,7 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training, dgamma, dbeta, stre
             fused_backward_parallel(*args, stream)
         else:
             fused_backward_serial(*args, stream)
-        return
+        return not _any_clamped(work, C)
     if plan[PARALLEL]:
         gradsums_parallel(plan, dy, x, mean, s1, s2)
     else:
@@ -841,6 +866,6 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training, dgamma, dbeta, stre
     for c in range(C):
         _grad_params(c, sum_dy[c], sum_dy_xc[c], invstd, gamma, n, training, dgamma, dbeta, g, p, q)
     if training:
-        _affine(plan, x, dy, dx, mean, p, q, g, True, stream_bytes)
-    else:  # dx = dy * gamma * invstd: x is not read (a NaN there must not leak into dx)
-        _affine(plan, dy, dy, dx, q, g, q, g, False, stream_bytes)
+        return not _affine(plan, x, dy, dx, mean, p, q, g, True, stream_bytes)
+    # dx = dy * gamma * invstd: x is not read (a NaN there must not leak into dx)
+    return not _affine(plan, dy, dy, dx, q, g, q, g, False, stream_bytes)

@@ -172,7 +172,9 @@ def forward_train(plan, x, y, gamma, beta, eps, running_mean=None, running_var=N
     args = (plan.ints, plan.counts, _ro(x), y, gamma, beta, eps, mean, var, invstd)
     args += (STREAM_BYTES, stand_in if rm is None else rm, stand_in if rv is None else rv)
     args += (momentum, rm is not None, rv is not None)
-    finite = _call(plan, K.forward_train, *args)
+    finite, fits = _call(plan, K.forward_train, *args)
+    if not fits:
+        _affine_float64(plan, y, x, mean, invstd * gamma, beta)
     for given, used in ((running_mean, rm), (running_var, rv)):
         if used is not given:
             given[...] = used
@@ -191,8 +193,10 @@ def forward_eval(plan, x, y, gamma, beta, eps, mean, var):
     """Normalize flat ``x`` into flat ``y`` with given ``mean``/``var``; returns ``invstd``."""
     invstd = np.empty(plan.C)
     gamma, beta = _gamma_beta(plan, gamma, beta)
-    args = (plan.ints, _ro(x), y, gamma, beta, eps, _f64(mean), _f64(var), invstd)
-    _call(plan, K.forward_eval, *args, STREAM_BYTES)
+    mean = _f64(mean)
+    args = (plan.ints, _ro(x), y, gamma, beta, eps, mean, _f64(var), invstd)
+    if not _call(plan, K.forward_eval, *args, STREAM_BYTES):
+        _affine_float64(plan, y, x, mean, invstd * gamma, beta)
     return invstd
 
 
@@ -202,5 +206,29 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training):
     dgamma, dbeta = np.empty(C), np.empty(C)
     gamma = plan.ones if gamma is None else gamma
     args = (plan.ints, _ro(dy), _ro(x), dx, mean, invstd, gamma, bool(training), dgamma, dbeta)
-    _call(plan, K.backward, *args, STREAM_BYTES)
+    if not _call(plan, K.backward, *args, STREAM_BYTES):
+        g = gamma * invstd
+        if training:  # the coefficients of K._grad_params
+            n = float(plan.outer * plan.inner)
+            p, q = -g * invstd * (dgamma / n), -g * (dbeta / n)
+            _affine_float64(plan, dx, x, mean, p, q, dy, g)
+        else:
+            zeros = np.zeros(C)
+            _affine_float64(plan, dx, dy, zeros, g, zeros)
     return dgamma, dbeta
+
+
+def _affine_float64(plan, out, x, m, p, q, dy=None, g=None):
+    """``out = (x - m) * p + q`` (``+ dy * g``) in NumPy float64, per channel of the flat
+    canonical buffers: the elementwise pass for the rare float32 case whose coefficients
+    exceed float32's range (``gamma * invstd`` above 3.4e38), which the kernels report."""
+    shape = (plan.outer, plan.C, plan.inner)
+
+    def per_channel(a):
+        return np.asarray(a, np.float64).reshape(1, plan.C, 1)
+
+    result = (x.reshape(shape).astype(np.float64) - per_channel(m)) * per_channel(p)
+    result += per_channel(q)
+    if dy is not None:
+        result += dy.reshape(shape) * per_channel(g)
+    out.reshape(shape)[...] = result

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import fastbn
+from fastbn import reference
 
 
 @pytest.mark.parametrize("shape", [(65536, 64), (4096, 1024), (64, 16, 32, 32)])
@@ -44,3 +45,46 @@ def test_float64_huge_offset():
     y, cache = fastbn.batch_norm(x, None, None)
     exact = np.var(x - 1e8, axis=0)
     assert np.max(np.abs(1.0 / cache.invstd**2 - 1e-5 - exact) / exact) < 1e-8
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(512, 6), (64, 6, 40), (4, 6, 70000), (256, 6, 3, 3)],
+    ids=["rows", "planes-fused", "planes-two-pass", "nchw"],
+)
+@pytest.mark.parametrize("training", [True, False])
+def test_float32_coefficients_beyond_float32_range(shape, training):
+    """gamma * invstd above 3.4e38 (gamma 1e36, variance 1e-8, eps 1e-10): the float32
+    elementwise coefficients cannot hold it, so the kernels report it and the pass is
+    redone in float64. y and dx stay finite and match the float64 reference; the other
+    channels are unaffected."""
+    rng = np.random.default_rng(11)
+    C = shape[1]
+    x = rng.standard_normal(shape)
+    x[:, 0] *= 1e-4  # tiny variance in channel 0
+    x = x.astype(np.float32)
+    dy = (1e-6 * rng.standard_normal(shape)).astype(np.float32)
+    gamma = np.ones(C, np.float32)
+    gamma[0] = 1e36
+    beta = np.zeros(C, np.float32)
+    eps = 1e-10
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    g64, b64 = gamma.astype(np.float64), beta.astype(np.float64)
+    if training:
+        kw = {}
+    else:
+        kw = {
+            "running_mean": x64.mean(axis=(0,) + tuple(range(2, x.ndim))),
+            "running_var": x64.var(axis=(0,) + tuple(range(2, x.ndim))),
+        }
+    y_ref, cache_ref = reference.batch_norm(x64, g64, b64, training=training, eps=eps, **kw)
+    dx_ref, _, _ = reference.batch_norm_backward(dy64, cache_ref)
+    kw32 = {k: v.astype(np.float32) for k, v in kw.items()}
+    y, cache = fastbn.batch_norm(x, gamma, beta, training=training, eps=eps, **kw32)
+    dx, _, _ = fastbn.batch_norm_backward(dy, cache)
+    assert np.abs(y_ref[:, 0]).max() > 1e35  # the case is real: channel 0's y is huge...
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx))  # ...and still finite
+    for got, want in ((y, y_ref), (dx, dx_ref)):
+        scale = np.abs(want).max(axis=tuple(i for i in range(want.ndim) if i != 1))
+        err = np.abs(got - want).max(axis=tuple(i for i in range(want.ndim) if i != 1))
+        np.testing.assert_array_less(err, 1e-5 * scale)
