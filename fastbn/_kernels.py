@@ -383,60 +383,66 @@ def _narrow(work, i, c, value):
 
 
 @_inline
-def _working_channel(m, p, q, g, c, work):
+def _working_channel(m, p, q, g, d, c, work):
     """Channel ``c``'s coefficients of ``(x - m) * p + q`` (plus ``dy * g``), float64, as
-    ``work[0:4, c]`` in the storage dtype, for the elementwise loops, which compute in
-    that dtype; ``work[4, c]`` is 1 when one of them does not fit the dtype, else 0.
+    ``work[0:5, c]`` in the storage dtype, for the elementwise loops, which compute
+    ``(x - m') * p' + q'`` (plus ``(dy - d') * g'``) in that dtype; ``work[5, c]`` is 1
+    when one of them does not fit the dtype, else 0.
 
-    float64 storage: the same values. float32: ``m`` is split into its float32 rounding
-    ``work[0]`` and the remainder, which moves into ``work[2] = q - (m - work[0]) * p``;
-    ``x - work[0]`` is then exact for ``x`` near the mean (Sterbenz), so the offset of the
-    data costs no digits, and each output is a float32 fused multiply-add within about
-    one unit in the last place of the float64 formula rounded once.
+    float64 storage: ``m, p, g, d`` as given. float32: ``m`` and ``d`` (for ``dx``, the
+    mean of ``dy``; else 0) are rounded to float32 and the remainders move into the
+    offset, ``q' = q + d' * g - (m - m') * p``. ``x - m'`` and ``dy - d'`` are then exact
+    near the means (Sterbenz), so an offset common to a channel's data, or to its
+    gradients, costs no digits, and each output is within about two units in the last
+    place of the float64 formula rounded once.
     """
     clamped = _narrow(work, 0, c, m[c])
     clamped |= _narrow(work, 1, c, p[c])
-    if work[0, c] == m[c]:
-        clamped |= _narrow(work, 2, c, q[c])
-    else:
-        clamped |= _narrow(work, 2, c, q[c] - (m[c] - work[0, c]) * p[c])
     clamped |= _narrow(work, 3, c, g[c])
-    work[4, c] = 1.0 if clamped else 0.0
+    clamped |= _narrow(work, 4, c, d)
+    offset = q[c]
+    if work[0, c] != m[c]:
+        offset -= (m[c] - work[0, c]) * p[c]
+    if work[4, c] != 0.0:
+        offset += work[4, c] * g[c]
+    clamped |= _narrow(work, 2, c, offset)
+    work[5, c] = 1.0 if clamped else 0.0
 
 
 @_jit
 def _new_work(out, C):
-    """The ``(5, C + LINE)`` array of ``_working_channel`` in ``out``'s dtype."""
-    return np.empty((5, C + LINE), out.dtype)
+    """The ``(6, C + LINE)`` array of ``_working_channel`` in ``out``'s dtype."""
+    return np.empty((6, C + LINE), out.dtype)
 
 
 @_jit
 def _any_clamped(work, C):
     for c in range(C):
-        if work[4, c] != 0.0:
+        if work[5, c] != 0.0:
             return True
     return False
 
 
 @_jit
-def _working(out, m, p, q, g):
-    """``_working_channel`` for every channel, in ``out``'s dtype, as a ``(5, C + LINE)``
+def _working(out, m, p, q, g, dsum, n, center):
+    """``_working_channel`` for every channel, in ``out``'s dtype, with ``d = dsum / n``
+    when ``center`` (``dx``: ``dsum`` is ``sum(dy)``), else 0, as a ``(6, C + LINE)``
     array whose columns repeat with period ``C`` (a streamed line of a row may run past
     the row's last channel into the next row's first)."""
     C = m.shape[0]
     work = _new_work(out, C)
     for c in range(C):
-        _working_channel(m, p, q, g, c, work)
+        _working_channel(m, p, q, g, dsum[c] / n if center else 0.0, c, work)
     for c in range(C, C + LINE if C else C):
-        for i in range(4):
+        for i in range(5):
             work[i, c] = work[i, c % C]
     return work
 
 
 @_jit
-def _affine_task(plan, t, x, dy, out, m, p, q, g, with_dy, stream):
-    """Write this task's outputs with the coefficients ``m, p, q, g`` (made by ``_working``)
-    and the arithmetic in the storage dtype.
+def _affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream):
+    """Write this task's outputs with the coefficients ``m, p, q, g, d`` (made by
+    ``_working``) and the arithmetic in the storage dtype.
 
     Rows: the task's whole rows, row by row; or, with ``stream``, as one flat segment
     whose whole 64-byte lines of ``out`` are written by streaming stores
@@ -462,7 +468,7 @@ def _affine_task(plan, t, x, dy, out, m, p, q, g, with_dy, stream):
             if with_dy:
                 for j in range(C):
                     xc = x[i0 + j] - m[j]
-                    out[i0 + j] = fmuladd(dy[i0 + j], g[j], fmuladd(xc, p[j], q[j]))
+                    out[i0 + j] = fmuladd(dy[i0 + j] - d[j], g[j], fmuladd(xc, p[j], q[j]))
             else:
                 for j in range(C):
                     out[i0 + j] = fmuladd(x[i0 + j] - m[j], p[j], q[j])
@@ -490,17 +496,19 @@ def _affine_task(plan, t, x, dy, out, m, p, q, g, with_dy, stream):
                 for e in range(n):
                     xc = x[i0 + e] - m[j]
                     if with_dy:
-                        out[i0 + e] = fmuladd(dy[i0 + e], g[j], fmuladd(xc, p[j], q[j]))
+                        gc = dy[i0 + e] - d[j]
+                        out[i0 + e] = fmuladd(gc, g[j], fmuladd(xc, p[j], q[j]))
                     else:
                         out[i0 + e] = fmuladd(xc, p[j], q[j])
                     j += _U(1)
                     if j == C:
                         j = _U(0)
             else:
-                mc, pc, qc, gc = m[c0], p[c0], q[c0], g[c0]
+                mc, pc, qc, gc, dc = m[c0], p[c0], q[c0], g[c0], d[c0]
                 if with_dy:
                     for e in range(n):
-                        out[i0 + e] = fmuladd(dy[i0 + e], gc, fmuladd(x[i0 + e] - mc, pc, qc))
+                        xc = x[i0 + e] - mc
+                        out[i0 + e] = fmuladd(dy[i0 + e] - dc, gc, fmuladd(xc, pc, qc))
                 else:
                     for e in range(n):
                         out[i0 + e] = fmuladd(x[i0 + e] - mc, pc, qc)
@@ -509,31 +517,31 @@ def _affine_task(plan, t, x, dy, out, m, p, q, g, with_dy, stream):
             i0 = k + head + L * line
             if rows:
                 if with_dy:
-                    line_rows_dy(out, x, dy, m, p, q, g, i0, j)
+                    line_rows_dy(out, x, dy, m, p, q, g, d, i0, j)
                 else:
-                    line_rows(out, x, dy, m, p, q, g, i0, j)
+                    line_rows(out, x, dy, m, p, q, g, d, i0, j)
                 j += line
                 while j >= C:
                     j -= C
             elif with_dy:
-                line_planes_dy(out, x, dy, m, p, q, g, i0, j)
+                line_planes_dy(out, x, dy, m, p, q, g, d, i0, j)
             else:
-                line_planes(out, x, dy, m, p, q, g, i0, j)
+                line_planes(out, x, dy, m, p, q, g, d, i0, j)
             streamed = True
     if streamed:
         store_fence()
 
 
 @_jit
-def affine_serial(plan, x, dy, out, m, p, q, g, with_dy, stream):
+def affine_serial(plan, x, dy, out, m, p, q, g, d, with_dy, stream):
     for t in range(plan[AFFINE_TASKS]):
-        _affine_task(plan, t, x, dy, out, m, p, q, g, with_dy, stream)
+        _affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream)
 
 
 @_pjit
-def affine_parallel(plan, x, dy, out, m, p, q, g, with_dy, stream):
+def affine_parallel(plan, x, dy, out, m, p, q, g, d, with_dy, stream):
     for t in numba.prange(plan[AFFINE_TASKS]):
-        _affine_task(plan, t, x, dy, out, m, p, q, g, with_dy, stream)
+        _affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream)
 
 
 # -- planes that fit in L2: one task per channel, read from memory once per pass ------------
@@ -551,8 +559,8 @@ def _fused_forward_task(
     mean[t], var[t] = _merge_channel(s1, s2, shift, counts, t)
     invstd[t] = 1.0 / np.sqrt(var[t] + eps)
     scale[t] = invstd[t] * gamma[t]
-    _working_channel(mean, scale, beta, scale, t, work)
-    _affine_task(plan, t, x, x, y, work[0], work[1], work[2], work[3], False, stream)
+    _working_channel(mean, scale, beta, scale, 0.0, t, work)
+    _affine_task(plan, t, x, x, y, work[0], work[1], work[2], work[3], work[4], False, stream)
 
 
 @_jit
@@ -623,22 +631,24 @@ def _grad_params(c, sum_dy, sum_dy_xc, invstd, gamma, n, training, dgamma, dbeta
 
 
 @_jit
-def _dx_working(c, training, mean, g, p, q, work):
+def _dx_working(c, training, mean, g, p, q, d, work):
     """Channel ``c``'s ``_working_channel`` coefficients of ``dx``: training
-    ``dy * g + (x - mean) * p + q``; eval ``dy * g``, written as ``(dy - 0) * g + 0`` (``q``
-    is 0 then) because x is not read (a NaN there must not leak into dx)."""
+    ``dy * g + (x - mean) * p + q`` centred on ``d``, the mean of ``dy``; eval ``dy * g``,
+    written as ``(dy - 0) * g + 0`` (``q`` is 0 then) because x is not read (a NaN there
+    must not leak into dx)."""
     if training:
-        _working_channel(mean, p, q, g, c, work)
+        _working_channel(mean, p, q, g, d, c, work)
     else:
-        _working_channel(q, g, q, g, c, work)
+        _working_channel(q, g, q, g, 0.0, c, work)
 
 
 @_jit
 def _dx_task(plan, t, dy, x, dx, training, work, stream):
+    w = (work[0], work[1], work[2], work[3], work[4])
     if training:
-        _affine_task(plan, t, x, dy, dx, work[0], work[1], work[2], work[3], True, stream)
+        _affine_task(plan, t, x, dy, dx, w[0], w[1], w[2], w[3], w[4], True, stream)
     else:
-        _affine_task(plan, t, dy, dy, dx, work[0], work[1], work[2], work[3], False, stream)
+        _affine_task(plan, t, dy, dy, dx, w[0], w[1], w[2], w[3], w[4], False, stream)
 
 
 @_jit
@@ -648,7 +658,7 @@ def _fused_backward_task(
     _gradsums_task(plan, t, dy, x, mean, s1, s2)
     n = float(plan[OUTER] * plan[INNER])
     _grad_params(t, s1[0, t], s2[0, t], invstd, gamma, n, training, dgamma, dbeta, g, p, q)
-    _dx_working(t, training, mean, g, p, q, work)
+    _dx_working(t, training, mean, g, p, q, dbeta[t] / n, work)
     _dx_task(plan, t, dy, x, dx, training, work, stream)
 
 
@@ -710,12 +720,13 @@ def fused_backward_parallel(
 
 
 @_jit
-def _affine(plan, x, dy, out, m, p, q, g, with_dy, stream_bytes):
-    """The elementwise pass with float64 coefficients ``m, p, q, g``. Returns True when
-    they do not fit the storage dtype (then ``out`` is not right: see ``_narrow``)."""
+def _affine(plan, x, dy, out, m, p, q, g, dsum, n, with_dy, stream_bytes):
+    """The elementwise pass with float64 coefficients ``m, p, q, g`` (``dy`` centred on
+    ``dsum / n`` when ``with_dy``). Returns True when they do not fit the storage dtype
+    (then ``out`` is not right: see ``_narrow``)."""
     stream = out.size * out.itemsize >= stream_bytes
-    work = _working(out, m, p, q, g)
-    args = (plan, x, dy, out, work[0], work[1], work[2], work[3], with_dy, stream)
+    work = _working(out, m, p, q, g, dsum, n, with_dy)
+    args = (plan, x, dy, out, work[0], work[1], work[2], work[3], work[4], with_dy, stream)
     if plan[PARALLEL]:
         affine_parallel(*args)
     else:
@@ -815,7 +826,7 @@ def forward_eval(plan, x, y, gamma, beta, eps, mean, var, invstd, stream_bytes):
     for c in range(C):
         invstd[c] = 1.0 / np.sqrt(var[c] + eps)
         scale[c] = invstd[c] * gamma[c]
-    return not _affine(plan, x, x, y, mean, scale, beta, scale, False, stream_bytes)
+    return not _affine(plan, x, x, y, mean, scale, beta, scale, mean, 1.0, False, stream_bytes)
 
 
 @_jit
@@ -866,6 +877,6 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training, dgamma, dbeta, stre
     for c in range(C):
         _grad_params(c, sum_dy[c], sum_dy_xc[c], invstd, gamma, n, training, dgamma, dbeta, g, p, q)
     if training:
-        return not _affine(plan, x, dy, dx, mean, p, q, g, True, stream_bytes)
+        return not _affine(plan, x, dy, dx, mean, p, q, g, sum_dy, n, True, stream_bytes)
     # dx = dy * gamma * invstd: x is not read (a NaN there must not leak into dx)
-    return not _affine(plan, dy, dy, dx, q, g, q, g, False, stream_bytes)
+    return not _affine(plan, dy, dy, dx, q, g, q, g, q, 1.0, False, stream_bytes)

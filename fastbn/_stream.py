@@ -6,12 +6,12 @@ store sends a whole line straight to memory, two streams. Numba cannot emit one,
 intrinsics here build the LLVM IR of one 16-element step of the elementwise formula
 
     out[k:k+16] = (x[k:k+16] - m) * p + q                 (forward)
-    out[k:k+16] = dy[k:k+16] * g + (x[k:k+16] - m) * p + q  (backward dx)
+    out[k:k+16] = (dy[k:k+16] - d) * g + (x[k:k+16] - m) * p + q  (backward dx)
 
-in the storage dtype of ``out`` (float32 or float64; the channel parameters ``m, p, q, g``
-are arrays of that dtype, taken at ``j:j+16`` for rows, one channel per element, or at
-``j`` for planes, one channel), with ``llvm.fmuladd`` rounding exactly as ``fmuladd``
-below, so that streamed and ordinary elements get the same bits, and a vector store
+in the storage dtype of ``out`` (float32 or float64; the channel parameters
+``m, p, q, g, d`` are arrays of that dtype, taken at ``j:j+16`` for rows, one channel per
+element, or at ``j`` for planes, one channel), with ``llvm.fmuladd`` rounding exactly as
+``fmuladd`` below, so that streamed and ordinary elements get the same bits, and a vector store
 tagged ``!nontemporal``. ``&out[k]`` must be 64-byte aligned.
 ``store_fence`` orders the streaming stores before later ones (each task ends with it).
 Elsewhere than x86-64 the stores are ordinary and the fence is nothing.
@@ -29,16 +29,16 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 def _make_line(per_element, with_dy):
     @intrinsic
-    def line(typingctx, out, x, dy, m, p, q, g, k, j):
-        arrays = (out, x, dy, m, p, q, g)
+    def line(typingctx, out, x, dy, m, p, q, g, d, k, j):
+        arrays = (out, x, dy, m, p, q, g, d)
         if not all(isinstance(a, types.Array) and a.dtype == out.dtype for a in arrays):
             return None
         if not (isinstance(k, types.Integer) and isinstance(j, types.Integer)):
             return None
-        sig = types.void(out, x, dy, m, p, q, g, k, j)
+        sig = types.void(out, x, dy, m, p, q, g, d, k, j)
 
         def codegen(context, builder, signature, args):
-            out_v, x_v, dy_v, m_v, p_v, q_v, g_v, k_v, j_v = args
+            out_v, x_v, dy_v, m_v, p_v, q_v, g_v, d_v, k_v, j_v = args
             tys = signature.args
 
             def data(i, val):
@@ -75,7 +75,7 @@ def _make_line(per_element, with_dy):
             xc = builder.fsub(load_data(data(1, x_v)), load_param(data(3, m_v)))
             value = builder.call(fmuladd, [xc, load_param(data(4, p_v)), load_param(data(5, q_v))])
             if with_dy:
-                dyv = load_data(data(2, dy_v))
+                dyv = builder.fsub(load_data(data(2, dy_v)), load_param(data(7, d_v)))
                 value = builder.call(fmuladd, [dyv, load_param(data(6, g_v)), value])
             dest = builder.bitcast(builder.gep(data(0, out_v), [k_v]), vec_t.as_pointer())
             store = builder.store(value, dest, align=64)
