@@ -14,9 +14,11 @@ Operations: ``forward_train`` (batch statistics; running statistics updated),
 This machine's memory bandwidth swings from minute to minute, so each case also times a
 *probe* in the same process, interleaved with the implementations: a plain parallel kernel
 that reads ``x`` once and writes an array of the same size once. ``units`` is a time
-divided by the probe's. With write-allocate stores the floors are 1.0 unit for
-forward_eval, 1.33 for forward_train (statistics pass + normalize pass), 2.0 for backward
-and 3.33 for forward_backward.
+divided by the probe's. The probe's stores are write-allocate (three streams); with them
+the floors would be 1.0 unit for forward_eval, 1.33 for forward_train (statistics pass +
+normalize pass), 2.0 for backward and 3.33 for forward_backward. fastbn writes outputs of
+half the last-level cache or more with streaming stores (two streams), whose floors are
+0.67, 1.0, 1.67 and 2.67.
 """
 
 import json
