@@ -518,7 +518,6 @@ def _affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream):
         if stream and seglen >= _U(4) * line and (addr + k * size) % size == 0:
             head = min(seglen, ((_U(64) - (addr + k * size) % _U(64)) % _U(64)) // size)
             nlines = (seglen - head) // line
-        j = _U(0)  # rows: channel of the next element
         for part in range(2):  # the head, then the tail after the whole lines
             a = _U(0) if part == 0 else head + nlines * line
             n = (head if part == 0 else seglen) - a
