@@ -30,9 +30,9 @@ import sys, tarfile, zipfile
 sdist, wheel = sys.argv[1:]
 s = [n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n]
 w = zipfile.ZipFile(wheel).namelist()
-need_s = ["pyproject.toml", "README.md", "fastbn/__init__.py", "fastbn/_kernels.py",
+need_s = ["pyproject.toml", "README.md", "fastbn/__init__.py", "fastbn/_kernels/ops.py",
           "fastbn/_cache_dir.py", "tests/_cases.py"]
-need_w = ["fastbn/__init__.py", "fastbn/_kernels.py", "fastbn/_cache_dir.py"]
+need_w = ["fastbn/__init__.py", "fastbn/_kernels/ops.py", "fastbn/_cache_dir.py"]
 missing = [n for n in need_s if n not in s] + [n for n in need_w if n not in w]
 junk = [n for n in s + w if n.endswith((".pyc", ".nbi", ".nbc")) or "__pycache__" in n]
 junk += [n for n in w if not n.startswith(("fastbn/", "fastbn-"))]

@@ -1,188 +1,30 @@
-"""Validation with clear messages, and the canonical ``(outer, C, inner)`` view.
+"""Validation with clear messages: one call per operation checks every argument.
 
-Everything a kernel needs is prepared here: dtype policy, the flat contiguous
-buffers and the per-channel float64 parameters. Kernels never validate.
-
-dtype policy: float32 and float64 are computed in place of the caller's memory
-(float64 arithmetic inside); float16 is computed from a float32 copy and the
-results are returned as float16. Non-native byte order is copied to native.
-Other dtypes (int, bool, complex, object, ...) raise ``TypeError``, and so do
-masked arrays (the mask would be ignored). Other ndarray subclasses (memmap,
-matrix) are read as plain ndarrays.
-
-Every message names the argument, what it got (shape and dtype for arrays) and
-what was expected.
+Every message names the argument, what it got (shape and dtype for arrays) and what
+was expected; a call that raises has changed nothing. Kernels never validate.
 """
 
 import math
 import numbers
-import operator
 
 import numpy as np
 
 from . import _memory
+from ._view import (
+    _COMPUTE,
+    _FLOAT32,
+    _FLOAT64,
+    _check_ndarray,
+    _describe,
+    _native,
+    check_array,
+    fast_view,
+    view_of,
+)
 
-_COMPUTE = {
-    np.dtype(np.float16): np.dtype(np.float32),
-    np.dtype(np.float32): np.dtype(np.float32),
-    np.dtype(np.float64): np.dtype(np.float64),
-}
-
-# Values sampled from x at forward time to detect (best effort) that x was
-# modified before backward: a strided sample of about this many elements.
-_PROBE_SAMPLES = 64
+_X_SAMPLES = 64
 
 _TooHardError = getattr(np, "exceptions", np).TooHardError
-
-
-def _describe(a):
-    return f"array of shape {a.shape} and dtype {a.dtype}"
-
-
-def _native(dtype):
-    return dtype.newbyteorder("=") if dtype.byteorder not in "=|" else dtype
-
-
-def _check_ndarray(a, name):
-    if isinstance(a, np.ma.MaskedArray):
-        raise TypeError(
-            f"{name} is a masked array ({_describe(a)}); fastbn would ignore its mask. "
-            f"Pass {name}.filled(value) or drop the masked values"
-        )
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-    if type(a) is not np.ndarray:
-        a = a.view(np.ndarray)
-    return a
-
-
-_FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
-_FAST_DTYPES = (_FLOAT32, _FLOAT64)
-
-
-def check_array(a, name):
-    """``a`` as a float ndarray (native byte order); raise TypeError otherwise."""
-    if type(a) is np.ndarray and a.dtype in _FAST_DTYPES:  # the common case, quickly
-        return a
-    a = _check_ndarray(a, name)
-    native = _native(a.dtype)
-    if native not in _COMPUTE:
-        raise TypeError(
-            f"{name} must have dtype float16, float32 or float64, got {_describe(a)}; "
-            f"convert it first, e.g. {name}.astype(np.float32)"
-        )
-    if native != a.dtype or not a.dtype.isnative:
-        a = a.astype(native)
-    return a
-
-
-class View:
-    """How an array of ``shape`` maps onto the canonical ``(outer, C, inner)`` view.
-
-    ``channels_last`` is True when the channel axis is physically innermost in a
-    non-C-contiguous input (e.g. an NCHW array with NHWC memory); the flat buffers
-    then hold the data in ``moveaxis(x, axis, -1)`` order with ``inner == 1``.
-    """
-
-    __slots__ = ("shape", "axis", "outer", "C", "inner", "channels_last", "dtype", "compute")
-
-    def __init__(self, shape, axis, channels_last, dtype):
-        self.shape, self.axis, self.channels_last = shape, axis, channels_last
-        self.dtype = dtype
-        self.compute = _COMPUTE[dtype]
-        self.C = shape[axis]
-        rest = math.prod(shape[:axis]) * math.prod(shape[axis + 1 :])
-        if channels_last:
-            self.outer, self.inner = rest, 1
-        else:
-            self.outer, self.inner = math.prod(shape[:axis]), math.prod(shape[axis + 1 :])
-
-    @property
-    def per_channel(self):
-        """Number of values each channel's statistics are taken over."""
-        return self.outer * self.inner
-
-    def _moved_shape(self):
-        return self.shape[: self.axis] + self.shape[self.axis + 1 :] + (self.C,)
-
-    def flat(self, a):
-        """A flat C-contiguous buffer of ``a`` (same shape as the view) in view order.
-
-        A view of ``a`` when its memory already has that order, else one copy.
-        """
-        if a.dtype != self.compute:
-            a = a.astype(self.compute)
-        if self.channels_last:
-            a = np.moveaxis(a, self.axis, -1)
-        return np.ascontiguousarray(a).reshape(-1)
-
-    def empty(self):
-        """A new output: ``(user_array, flat_buffer)`` with x's memory layout."""
-        if self.channels_last:
-            moved = _memory.empty(self._moved_shape(), self.compute)
-            return np.moveaxis(moved, -1, self.axis), moved.reshape(-1)
-        a = _memory.empty(self.shape, self.compute)
-        return a, a.reshape(-1)
-
-    def writable_flat(self, out):
-        """The flat buffer of ``out`` when kernels can write it directly, else None."""
-        if out.dtype != self.compute:
-            return None
-        a = np.moveaxis(out, self.axis, -1) if self.channels_last else out
-        return a.reshape(-1) if a.flags.c_contiguous else None
-
-
-def check_axis(axis, ndim):
-    if isinstance(axis, (bool, np.bool_)):
-        raise TypeError("axis must be an int, got bool")
-    try:
-        axis = operator.index(axis)
-    except TypeError:
-        raise TypeError(f"axis must be an int, got {type(axis).__name__}") from None
-    if not -ndim <= axis < ndim:
-        raise ValueError(
-            f"axis {axis} is out of range for an input with {ndim} dimensions "
-            f"(expected -{ndim} <= axis < {ndim})"
-        )
-    return axis % ndim
-
-
-def view_of(x, axis):
-    """Validate ``x`` and ``axis`` -> ``(x_native, View)``."""
-    x = check_array(x, "x")
-    if x.ndim < 2:
-        raise ValueError(
-            f"x must have at least 2 dimensions (batch and channel), got "
-            f"{_describe(x)}; reshape a single sample to (1, C) and a "
-            f"1-d batch of one feature to (N, 1)"
-        )
-    axis = check_axis(axis, x.ndim)
-    channels_last = (
-        not x.flags.c_contiguous
-        and axis != x.ndim - 1
-        and np.moveaxis(x, axis, -1).flags.c_contiguous
-    )
-    return x, View(x.shape, axis, channels_last, x.dtype)
-
-
-_views = {}
-
-
-def fast_view(x, axis):
-    """The View of a plain C-contiguous float32/float64 ``x`` with an in-range int ``axis``,
-    from a small cache; None when any of that does not hold, and then the caller runs
-    the full checks (``view_of``), which give the same View or the error."""
-    if type(x) is not np.ndarray or type(axis) is not int or not x.flags.c_contiguous:
-        return None
-    key = (x.shape, axis, x.dtype)
-    view = _views.get(key)
-    if view is None:
-        if x.dtype not in _FAST_DTYPES or x.ndim < 2 or not -x.ndim <= axis < x.ndim:
-            return None
-        if len(_views) > 256:
-            _views.clear()
-        view = _views[key] = View(x.shape, axis % x.ndim, False, x.dtype)
-    return view
 
 
 def fast_channel_params(C, *params):
@@ -277,12 +119,6 @@ def check_running_var(var, name="running_var"):
             f"{name} must be >= 0, got negative values at channels {bad[:8].tolist()}"
             f"{' ...' if bad.size > 8 else ''} (e.g. {float(var[bad[0]])!r})"
         )
-
-
-def as_float64(p):
-    """A float64 copy of ``p``: a snapshot, so later writes to ``p`` (or to ``out``
-    overlapping it) cannot change what a kernel or a cache reads."""
-    return np.array(p, dtype=np.float64)
 
 
 def _real(value):
@@ -398,23 +234,109 @@ def _overlaps(a, b):
 # -- x modified between forward and backward (best effort) ---------------------------
 
 
-def probe_of(x_flat):
+def x_sample(x_flat):
     """A small strided sample of the flat input, kept in the cache: ``(step, bytes)``."""
-    step = max(1, x_flat.size // _PROBE_SAMPLES)
+    step = max(1, x_flat.size // _X_SAMPLES)
     return step, x_flat[::step].tobytes()
 
 
-def check_probe(x_flat, probe):
-    """Raise ValueError if the sampled values of ``x_flat`` changed since ``probe_of``.
+def check_x_sample(x_flat, sample_of_x):
+    """Raise ValueError if the sampled values of ``x_flat`` changed since ``x_sample``.
 
     Compares bits, so NaN equals NaN. Catches changes of the whole array (an in-place
     activation, ``x *= s``, ``x[...] = next_batch``); a change confined to a few
     elements between the samples goes unnoticed.
     """
-    step, sample = probe
+    step, sample = sample_of_x
     if x_flat[::step].tobytes() != sample:
         raise ValueError(
             "x was modified after batch_norm returned this cache: the cache refers to x "
             "(it keeps no copy), so batch_norm_backward would use the new values. Keep x "
             "unchanged until backward, or pass a copy of x to batch_norm"
         )
+
+
+# -- one call per operation: every argument checked, the view prepared ---------------------
+
+
+def _quick_forward(x, gamma, beta, training, running_mean, running_var, momentum, eps, axis):
+    """The View of the common training call when every check of ``forward_args`` would
+    pass (plain contiguous float arrays, float eps and momentum, arrays that own their
+    memory), else None."""
+    view = fast_view(x, axis)
+    if (
+        view is not None
+        and training is True
+        and type(eps) is float
+        and 0.0 < eps < math.inf
+        and view.per_channel > 1
+        and fast_channel_params(view.C, gamma, beta, running_mean, running_var)
+        and (running_mean is None or running_mean.flags.writeable)
+        and (running_var is None or running_var.flags.writeable)
+        and (
+            (type(momentum) is float and 0.0 <= momentum <= 1.0)
+            or (momentum is None and running_mean is None and running_var is None)
+        )
+        and owned_and_distinct(x, gamma, beta, running_mean, running_var)
+    ):
+        return view
+    return None
+
+
+def forward_args(x, gamma, beta, training, running_mean, running_var, momentum, eps, axis, out):
+    """Validate every argument of ``batch_norm`` at once -> ``(x, view, gamma, beta,
+    running_mean, running_var, momentum, eps, training, out)``, checked and converted
+    (``x`` native; ``eps``/``momentum`` floats), or raise with a clear message."""
+    if out is None:
+        view = _quick_forward(
+            x, gamma, beta, training, running_mean, running_var, momentum, eps, axis
+        )
+        if view is not None:
+            return x, view, gamma, beta, running_mean, running_var, momentum, eps, True, None
+    x, view = view_of(x, axis)
+    C = view.C
+    gamma = channel_param(gamma, "gamma", C)
+    beta = channel_param(beta, "beta", C)
+    eps = check_eps(eps)
+    training = check_training(training)
+    if training:
+        running_mean = channel_param(running_mean, "running_mean", C, writable=True)
+        running_var = channel_param(running_var, "running_var", C, writable=True)
+        updates = running_mean is not None or running_var is not None
+        momentum = check_momentum(momentum, required=updates)
+        check_batch(view, training)
+        if running_mean is not None and running_mean is running_var:
+            raise ValueError("running_mean and running_var must be different arrays")
+        check_disjoint(
+            [("running_mean", running_mean), ("running_var", running_var)],
+            [("x", x), ("gamma", gamma), ("beta", beta)],
+        )
+    else:
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean and running_var are required when training=False")
+        running_mean = channel_param(running_mean, "running_mean", C)
+        running_var = channel_param(running_var, "running_var", C)
+        check_momentum(momentum, required=False)  # unused, but not nonsense
+    if out is not None:
+        named = (("x", x), ("gamma", gamma), ("beta", beta))
+        named += (("running_mean", running_mean), ("running_var", running_var))
+        out = check_out(out, view, [(name, a, False) for name, a in named])
+    if not training:
+        check_running_var(running_var)
+    return x, view, gamma, beta, running_mean, running_var, momentum, eps, training, out
+
+
+def backward_args(dy, cache, out, cache_type):
+    """Validate the arguments of ``batch_norm_backward`` -> ``(dy, out)``."""
+    if not isinstance(cache, cache_type):
+        raise TypeError(
+            f"cache must be the BatchNormCache returned by fastbn.batch_norm, "
+            f"got {type(cache).__name__}"
+        )
+    view = cache.view
+    if not (type(dy) is np.ndarray and dy.dtype is view.compute and dy.shape == view.shape):
+        dy = check_same_shape(dy, "dy", view)
+    check_x_sample(cache.x_flat, cache.x_sample)
+    if out is not None:
+        out = check_out(out, view, [("dy", dy, True), ("x", cache.x, False)])
+    return dy, out

@@ -75,8 +75,22 @@ def serialized():
     return _SERIALIZE
 
 
+_started = []
+
+
+def _start():
+    """Start Numba's thread pool (``get_num_threads`` does). A kernel loaded from the disk
+    cache that contains parallel code does not start it, and would crash without it."""
+    with _lock:
+        if not _started:
+            numba.get_num_threads()
+            _started.append(True)
+
+
 def parallel_call(fn, *args):
-    """Call a ``parallel=True`` kernel, serialized when the layer is not thread-safe."""
+    """Call a kernel with parallel code, serialized when the layer is not thread-safe."""
+    if not _started:
+        _start()
     if _SERIALIZE:
         with _lock:
             return fn(*args)

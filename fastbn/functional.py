@@ -4,7 +4,6 @@ Validation and views come from ``_checks``, the passes over memory from
 ``_launch``/``_kernels``. Semantics follow PyTorch's ``F.batch_norm``.
 """
 
-import math
 import warnings
 
 import numpy as np
@@ -17,39 +16,38 @@ __all__ = ["batch_norm", "batch_norm_backward", "BatchNormCache"]
 class BatchNormCache:
     """What ``batch_norm_backward`` needs from a forward call; O(C) memory.
 
-    Attributes: ``x`` (the forward input, by reference), ``mean``, ``invstd``
-    (float64, shape ``(C,)``, the statistics used to normalize), ``gamma``,
-    ``has_beta``, ``training``, ``axis``, ``shape``. ``xhat`` is never stored:
-    backward recomputes it from ``x``. ``probe`` is a strided sample of about 64
-    values of ``x`` (bits), which backward compares to detect that ``x`` was
-    modified in between (best effort).
+    Attributes: ``x`` (the forward input, by reference), ``mean``, ``invstd`` (float64,
+    shape ``(C,)``, the statistics used to normalize), ``gamma`` (a copy, or None),
+    ``has_beta``, ``training``, ``axis``, ``shape``. ``xhat`` is never stored: backward
+    recomputes it from ``x``. ``x_sample`` is a strided sample of about 64 values of
+    ``x`` (bits), which backward compares to detect that ``x`` was modified in between
+    (best effort).
 
     A cache may be used for any number of backward calls; backward never changes it.
     """
 
-    __slots__ = (
-        "x",
-        "x_flat",
-        "view",
-        "plan",
-        "gamma",
-        "gamma_dtype",
-        "beta_dtype",
-        "mean",
-        "invstd",
-        "training",
-        "probe",
-    )
+    __slots__ = ("x", "x_flat", "view", "gamma", "gamma_dtype", "beta_dtype", "stats")
+    __slots__ += ("training", "x_sample")
 
-    def __init__(
-        self, x, x_flat, view, plan, gamma, beta, mean, invstd, training, gamma_dtype=None
-    ):
-        self.x, self.x_flat, self.view, self.plan = x, x_flat, view, plan
-        self.gamma = gamma
-        self.gamma_dtype = gamma_dtype
+    def __init__(self, x, x_flat, view, gamma_copy, gamma, beta, stats, training):
+        self.x, self.x_flat, self.view = x, x_flat, view
+        self.gamma = gamma_copy
+        self.gamma_dtype = None if gamma is None else gamma.dtype
         self.beta_dtype = None if beta is None else beta.dtype
-        self.mean, self.invstd, self.training = mean, invstd, training
-        self.probe = _checks.probe_of(x_flat)
+        self.stats, self.training = stats, training
+        self.x_sample = _checks.x_sample(x_flat)
+
+    @property
+    def mean(self):
+        return self.stats[0]
+
+    @property
+    def invstd(self):
+        return self.stats[3]
+
+    @property
+    def plan(self):
+        return self.view.plan
 
     @property
     def axis(self):
@@ -131,94 +129,38 @@ def batch_norm(
     training; the other channels are unaffected. Running statistics are updated
     with those NaN (as in PyTorch).
     """
-    view = _checks.fast_view(x, axis) if out is None and training is True else None
-    if (
-        view is not None
-        and type(eps) is float
-        and 0.0 < eps < math.inf
-        and view.per_channel > 1
-        and _checks.fast_channel_params(view.C, gamma, beta, running_mean, running_var)
-        and (running_mean is None or running_mean.flags.writeable)
-        and (running_var is None or running_var.flags.writeable)
-        and (
-            (type(momentum) is float and 0.0 <= momentum <= 1.0)
-            or (momentum is None and running_mean is None and running_var is None)
+    x, view, gamma, beta, running_mean, running_var, momentum, eps, training, out = (
+        _checks.forward_args(
+            x, gamma, beta, training, running_mean, running_var, momentum, eps, axis, out
         )
-        and _checks.owned_and_distinct(x, gamma, beta, running_mean, running_var)
-    ):
-        # the common case, validated quickly: every check below would pass
-        C = view.C
-    else:
-        x, view = _checks.view_of(x, axis)
-        C = view.C
-        gamma = _checks.channel_param(gamma, "gamma", C)
-        beta = _checks.channel_param(beta, "beta", C)
-        eps = _checks.check_eps(eps)
-        training = _checks.check_training(training)
-        if training:
-            running_mean = _checks.channel_param(running_mean, "running_mean", C, writable=True)
-            running_var = _checks.channel_param(running_var, "running_var", C, writable=True)
-            updates = running_mean is not None or running_var is not None
-            momentum = _checks.check_momentum(momentum, required=updates)
-            _checks.check_batch(view, training)
-            if running_mean is not None and running_var is not None and running_mean is running_var:
-                raise ValueError("running_mean and running_var must be different arrays")
-            _checks.check_disjoint(
-                [("running_mean", running_mean), ("running_var", running_var)],
-                [("x", x), ("gamma", gamma), ("beta", beta)],
-            )
-        else:
-            if running_mean is None or running_var is None:
-                raise ValueError("running_mean and running_var are required when training=False")
-            running_mean = _checks.channel_param(running_mean, "running_mean", C)
-            running_var = _checks.channel_param(running_var, "running_var", C)
-            _checks.check_momentum(momentum, required=False)  # unused, but not nonsense
-        if out is not None:
-            out = _checks.check_out(
-                out,
-                view,
-                [
-                    ("x", x, False),
-                    ("gamma", gamma, False),
-                    ("beta", beta, False),
-                    ("running_mean", running_mean, False),
-                    ("running_var", running_var, False),
-                ],
-            )
-
-    plan = _launch.plan_for(view.outer, C, view.inner, view.compute.itemsize)
-    x_flat = view.flat(x)
-    gamma64 = None if gamma is None else np.array(gamma, dtype=np.float64)  # a snapshot
-    beta64 = None if beta is None else _checks.as_float64(beta)
-    y, y_flat = _output(view, out)
-    if training:
-        if x.size:
-            mean, var, invstd, finite = _launch.forward_train(
-                plan, x_flat, y_flat, gamma64, beta64, eps, running_mean, running_var, momentum
-            )
-            if not finite:
-                _warn_overflow(var)
-        else:
-            mean = var = invstd = np.full(C, np.nan)
-    else:
-        mean, var = _checks.as_float64(running_mean), _checks.as_float64(running_var)
-        _checks.check_running_var(var)
-        invstd = _launch.forward_eval(plan, x_flat, y_flat, gamma64, beta64, eps, mean, var)
-    y = _finish(view, y, out)
-
-    cache = BatchNormCache(
-        x,
-        x_flat,
-        view,
-        plan,
-        gamma64,
-        beta,
-        mean,
-        invstd,
-        training,
-        None if gamma is None else gamma.dtype,
     )
-    return y, cache
+    plan = view.plan
+    x_flat = view.flat(x)
+    kernel_gamma, kernel_beta = _launch.params(plan, gamma, beta)
+    y, y_flat = _output(view, out)
+    if not training:
+        stats = _launch.forward_eval(
+            plan, x_flat, y_flat, kernel_gamma, kernel_beta, eps, running_mean, running_var
+        )
+    elif x.size:
+        stats, finite = _launch.forward_train(
+            plan,
+            x_flat,
+            y_flat,
+            kernel_gamma,
+            kernel_beta,
+            eps,
+            running_mean,
+            running_var,
+            momentum,
+        )
+        if not finite:
+            _warn_overflow(stats[2])
+    else:
+        stats = np.full((4, view.C), np.nan)
+    y = _finish(view, y, out)
+    gamma_copy = None if gamma is None else np.array(kernel_gamma)  # a snapshot for backward
+    return y, BatchNormCache(x, x_flat, view, gamma_copy, gamma, beta, stats, training)
 
 
 def batch_norm_backward(dy, cache, *, out=None):
@@ -249,22 +191,13 @@ def batch_norm_backward(dy, cache, *, out=None):
     Raises ``ValueError`` when ``x`` was visibly modified since the forward call
     (a sample of its values is compared; see ``BatchNormCache``).
     """
-    if not isinstance(cache, BatchNormCache):
-        raise TypeError(
-            f"cache must be the BatchNormCache returned by fastbn.batch_norm, "
-            f"got {type(cache).__name__}"
-        )
-    view, plan = cache.view, cache.plan
-    dy = _checks.check_same_shape(dy, "dy", view)
-    _checks.check_probe(cache.x_flat, cache.probe)
-    if out is not None:
-        out = _checks.check_out(out, view, [("dy", dy, True), ("x", cache.x, False)])
-    C = view.C
+    dy, out = _checks.backward_args(dy, cache, out, BatchNormCache)
+    view = cache.view
     dy_flat = view.flat(dy)
     dx, dx_flat = _output(view, out)
     if dy.size:
-        dgamma_raw, sum_dy = _launch.backward(
-            plan,
+        dgamma_raw, sum_dy, _ = _launch.backward(
+            view.plan,
             dy_flat,
             cache.x_flat,
             dx_flat,
@@ -274,7 +207,7 @@ def batch_norm_backward(dy, cache, *, out=None):
             cache.training,
         )
     else:
-        dgamma_raw, sum_dy = np.zeros(C), np.zeros(C)
+        dgamma_raw, sum_dy = np.zeros(view.C), np.zeros(view.C)
     dx = _finish(view, dx, out)
     dgamma = None if cache.gamma_dtype is None else dgamma_raw.astype(cache.gamma_dtype)
     dbeta = None if cache.beta_dtype is None else sum_dy.astype(cache.beta_dtype)

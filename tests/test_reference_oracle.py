@@ -141,10 +141,11 @@ def test_reference_matches_its_own_float64_run():
 def test_planes_fused_and_blocked_agree_with_reference(layout, fuse_bytes, monkeypatch):
     """Planes are processed channel by channel (fused) when a channel fits in L2, else in
     blocks: both partitions must match the oracle (running statistics and eval too)."""
-    from fastbn import _launch
+    from fastbn import _plan, _view
 
-    monkeypatch.setattr(_launch, "FUSE_BYTES", fuse_bytes)
-    monkeypatch.setattr(_launch, "_plans", {})
+    monkeypatch.setattr(_plan, "FUSE_BYTES", fuse_bytes)
+    monkeypatch.setattr(_plan, "_plans", {})
+    monkeypatch.setattr(_view, "_views", {})  # views hold their plan
     rng = np.random.default_rng(12)
     x, dy, gamma, beta, axis = random_case(rng, layout, np.float64, scale=3.0, offset=1.0)
     C = gamma.shape[0]

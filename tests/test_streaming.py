@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _launch
+from fastbn import _plan
 
 from _cases import LAYOUTS, random_case
 
@@ -16,7 +16,7 @@ from _cases import LAYOUTS, random_case
 @pytest.fixture
 def stream_everything(monkeypatch):
     def set_threshold(nbytes):
-        monkeypatch.setattr(_launch, "STREAM_BYTES", nbytes)
+        monkeypatch.setattr(_plan, "STREAM_BYTES", nbytes)
 
     return set_threshold
 

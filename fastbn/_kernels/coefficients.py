@@ -1,0 +1,110 @@
+"""Per-channel coefficients of the elementwise pass, stored in the data's dtype.
+
+The elementwise pass computes ``(x - m) * p + q`` (plus ``(dy - d) * g`` for ``dx``) in
+the storage dtype. Its coefficients are computed in float64 and kept in a ``work`` array
+(rows named in ``layout``) of the storage dtype. For float32 the means ``m`` and ``d``
+are rounded to float32 and the rounding remainders move into the offset,
+``q' = q + d' * g - (m - m') * p``: ``x - m'`` and ``dy - d'`` are then exact near the
+means (Sterbenz), so an offset common to a channel's data, or to its gradients, costs no
+digits, and each output is within about two units in the last place of the float64
+formula rounded once. A finite coefficient beyond float32's range is clamped and
+flagged (``W_CLAMPED``): the caller then redoes the pass in float64 (``fastbn._launch``).
+"""
+
+import numpy as np
+
+from .jit import inline, jit
+from .layout import W_CLAMPED, W_DY_MEAN, W_DY_SCALE, W_MEAN, W_OFFSET, W_SCALE, WORK_ROWS
+from .stream import LINE, fmuladd
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+@inline
+def _narrow(work, i, c, value):
+    """``work[i, c] = value`` in ``work``'s dtype. True when a finite value does not fit
+    (float32 beyond 3.4e38); it is then clamped to the largest float32."""
+    work[i, c] = value
+    if np.isinf(work[i, c]) and np.isfinite(value):
+        work[i, c] = np.copysign(_FLOAT32_MAX, value)
+        return True
+    return False
+
+
+@inline
+def _offset(m, m_w, p, q, g, d_w):
+    """``q + (m_w - m) * p + d_w * g`` in float64, a term skipped when its first factor is
+    0 (so an inf ``p`` or ``g`` makes no NaN). Fused multiply-adds, which no fastmath
+    flag reorders: ``working`` and ``working_channel`` get the same bits."""
+    m, m_w, p, q = np.float64(m), np.float64(m_w), np.float64(p), np.float64(q)
+    g, d_w = np.float64(g), np.float64(d_w)
+    offset = fmuladd(m_w - m, p, q) if m_w != m else q
+    return fmuladd(d_w, g, offset) if d_w != 0.0 else offset
+
+
+@inline
+def working_channel(m, p, q, g, d, c, work):
+    """Channel ``c``'s coefficients from float64 ``m, p, q, g`` (arrays) and ``d`` (a
+    number) into column ``c`` of ``work``, clamping and flagging what does not fit."""
+    clamped = _narrow(work, W_MEAN, c, m[c])
+    clamped |= _narrow(work, W_SCALE, c, p[c])
+    clamped |= _narrow(work, W_DY_SCALE, c, g[c])
+    clamped |= _narrow(work, W_DY_MEAN, c, d)
+    offset = _offset(m[c], work[W_MEAN, c], p[c], q[c], g[c], work[W_DY_MEAN, c])
+    clamped |= _narrow(work, W_OFFSET, c, offset)
+    work[W_CLAMPED, c] = 1.0 if clamped else 0.0
+
+
+@jit
+def new_work(out, C):
+    """A ``work`` array for ``C`` channels in ``out``'s dtype (``LINE`` spare columns)."""
+    return np.empty((WORK_ROWS, C + LINE), out.dtype)
+
+
+@jit
+def any_clamped(work, C):
+    for c in range(C):
+        if work[W_CLAMPED, c] != 0.0:
+            return True
+    return False
+
+
+@jit
+def working(out, m, p, q, g, dsum, n, center):
+    """``working_channel`` for every channel, in ``out``'s dtype, with ``d = dsum * (1 / n)``
+    when ``center`` (``dx``: ``dsum`` is ``sum(dy)``), else 0. The columns past ``C``
+    repeat the first ones (a streamed line of a row may run past the row's last channel
+    into the next row's first).
+
+    The same values as ``working_channel``, from a loop without branches that vectorizes
+    (per channel calls cost ~40 ns each); only when some coefficient does not fit the
+    dtype are the channels redone with ``working_channel``, which clamps and flags."""
+    C = m.shape[0]
+    work = new_work(out, C)
+    m_w, p_w, q_w = work[W_MEAN], work[W_SCALE], work[W_OFFSET]
+    g_w, d_w, flag = work[W_DY_SCALE], work[W_DY_MEAN], work[W_CLAMPED]
+    inv_n = 1.0 / n
+    unfit = 0
+    for c in range(C):
+        d = dsum[c] * inv_n if center else 0.0
+        m_w[c] = m[c]
+        p_w[c] = p[c]
+        g_w[c] = g[c]
+        d_w[c] = d
+        offset = _offset(m[c], m_w[c], p[c], q[c], g[c], d_w[c])
+        q_w[c] = offset
+        flag[c] = 0.0
+        unfit += (
+            (np.isinf(m_w[c]) and np.isfinite(m[c]))
+            + (np.isinf(p_w[c]) and np.isfinite(p[c]))
+            + (np.isinf(g_w[c]) and np.isfinite(g[c]))
+            + (np.isinf(d_w[c]) and np.isfinite(d))
+            + (np.isinf(q_w[c]) and np.isfinite(offset))
+        )
+    if unfit:
+        for c in range(C):
+            working_channel(m, p, q, g, dsum[c] * inv_n if center else 0.0, c, work)
+    for c in range(C, C + LINE if C else C):
+        for i in range(W_CLAMPED):
+            work[i, c] = work[i, c % C]
+    return work

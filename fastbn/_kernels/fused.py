@@ -1,0 +1,87 @@
+"""Planes that fit in L2: one task per channel that reads its planes from memory once
+per operation.
+
+When a channel's planes fit in a core's L2 cache (``fastbn._plan.FUSE_BYTES``), a task
+computes the channel's statistics (or gradient sums) and then writes its outputs,
+re-reading x (and dy) from L2 instead of memory. Such a plan has one block (``FUSED``):
+task ``t`` is channel ``t``. Every step is the one the two-pass operations use, on one
+channel, so both paths give the same bits.
+"""
+
+import numba
+import numpy as np
+
+from .affine import affine_task
+from .coefficients import working_channel
+from .gradsums import gradsums_task
+from .jit import drivers, jit
+from .layout import NTASKS, W_DY_MEAN, W_DY_SCALE, W_MEAN, W_OFFSET, W_SCALE
+from .moments import merge_channel, moments_task
+
+
+@jit
+def _forward_task(
+    plan, t, x, y, gamma, beta, eps, counts, s1, s2, shift, stats, scale, work, stream
+):
+    """Channel ``t``: statistics into ``stats[:, t]`` (mean, m2, var, invstd), then ``y``."""
+    moments_task(plan, t, x, s1, s2, shift)
+    mean, m2, var, invstd = stats[0], stats[1], stats[2], stats[3]
+    mean[t], m2[t] = merge_channel(s1, s2, shift, counts, t)
+    var[t] = m2[t] / counts.sum()
+    invstd[t] = 1.0 / np.sqrt(var[t] + eps)
+    scale[t] = invstd[t] * gamma[t]
+    working_channel(mean, scale, beta, scale, 0.0, t, work)
+    w = (work[W_MEAN], work[W_SCALE], work[W_OFFSET], work[W_DY_SCALE], work[W_DY_MEAN])
+    affine_task(plan, t, x, x, y, w[0], w[1], w[2], w[3], w[4], False, stream)
+
+
+def _forward(plan, *args):
+    for t in numba.prange(plan[NTASKS]):
+        _forward_task(plan, t, *args)
+
+
+forward_serial, forward_parallel = drivers(_forward)
+
+
+@jit
+def grad_params(c, sum_dy, sum_dy_xc, invstd, gamma, n, training, grads, coef):
+    """Channel ``c``'s ``dgamma``, ``dbeta`` (``grads[0:2, c]``) and the coefficients
+    ``g, p, q`` (``coef[0:3, c]``) of ``dx = dy * g + (x - mean) * p + q``."""
+    dgamma, dbeta = grads[0], grads[1]
+    g, p, q = coef[0], coef[1], coef[2]
+    dbeta[c] = sum_dy
+    dgamma[c] = sum_dy_xc * invstd[c]
+    g[c] = gamma[c] * invstd[c]
+    if training:
+        p[c] = -g[c] * invstd[c] * (dgamma[c] / n)
+        q[c] = -g[c] * (dbeta[c] / n)
+    else:
+        p[c] = 0.0
+        q[c] = 0.0
+
+
+@jit
+def _backward_task(
+    plan, t, dy, x, dx, mean, invstd, gamma, n, training, s1, s2, grads, coef, work, stream
+):
+    """Channel ``t``: gradient sums, ``dgamma``/``dbeta``, then ``dx``. Training: ``dx =
+    dy * g + (x - mean) * p + q`` centred on the mean of ``dy``; eval: ``dy * g``, as
+    ``(dy - 0) * g + 0``, because x is not read (a NaN there must not leak into dx)."""
+    gradsums_task(plan, t, dy, x, mean, s1, s2)
+    grad_params(t, s1[0, t], s2[0, t], invstd, gamma, n, training, grads, coef)
+    g, p, q = coef[0], coef[1], coef[2]
+    w = (work[W_MEAN], work[W_SCALE], work[W_OFFSET], work[W_DY_SCALE], work[W_DY_MEAN])
+    if training:
+        working_channel(mean, p, q, g, grads[1, t] * (1.0 / n), t, work)
+        affine_task(plan, t, x, dy, dx, w[0], w[1], w[2], w[3], w[4], True, stream)
+    else:
+        working_channel(q, g, q, g, 0.0, t, work)
+        affine_task(plan, t, dy, dy, dx, w[0], w[1], w[2], w[3], w[4], False, stream)
+
+
+def _backward(plan, *args):
+    for t in numba.prange(plan[NTASKS]):
+        _backward_task(plan, t, *args)
+
+
+backward_serial, backward_parallel = drivers(_backward)

@@ -1,0 +1,55 @@
+"""The Numba decorators of the kernels, and targets made from one Python body.
+
+Numba's on-disk cache names a compiled function by its module, qualified name and line,
+not by its ``parallel=`` flag: two dispatchers over one Python function would share (and
+corrupt) one cache entry. ``drivers`` and ``operations`` therefore compile *copies* of a
+body, each with a name of its own (``<name>_serial``, ``<name>_parallel``), so one source
+gives several targets that are cached side by side.
+"""
+
+import types
+
+import numba
+
+# Never nnan/ninf: NaN and inf must propagate through every channel they touch.
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+_OPTIONS = dict(fastmath=FASTMATH, cache=True, nogil=True, error_model="numpy")
+
+jit = numba.njit(**_OPTIONS)
+# small per-channel helpers, inlined into their callers' Numba IR: no call, no reference
+# counting of the array arguments per channel
+inline = numba.njit(**_OPTIONS, inline="always")
+
+
+def _copy(body, name, replace):
+    """``body`` as a new function called ``name`` whose globals are ``body``'s with
+    ``replace`` applied (a snapshot: the module must define everything it uses first)."""
+    namespace = dict(body.__globals__)
+    namespace.update(replace)
+    fn = types.FunctionType(body.__code__, namespace, name, body.__defaults__, body.__closure__)
+    fn.__qualname__ = name
+    fn.__module__ = body.__module__
+    fn.__doc__ = body.__doc__
+    return fn
+
+
+def _name(body, target):
+    return f"{body.__name__.lstrip('_')}_{target}"
+
+
+def drivers(body):
+    """``(serial, parallel)`` dispatchers of a task loop ``for t in numba.prange(n): ...``:
+    the serial one runs the loop in order, the parallel one with ``parallel=True``."""
+    serial = numba.njit(**_OPTIONS)(_copy(body, _name(body, "serial"), {}))
+    parallel = numba.njit(**_OPTIONS, parallel=True)(_copy(body, _name(body, "parallel"), {}))
+    return serial, parallel
+
+
+def operations(body, **passes):
+    """``(serial, parallel)`` dispatchers of a whole operation ``body``: each name in
+    ``passes`` maps to a ``(serial, parallel)`` pair, and the body's global of that name is
+    the serial one in the serial target and the parallel one in the other. So a small
+    input compiles and runs only serial code."""
+    serial = _copy(body, _name(body, "serial"), {k: v[0] for k, v in passes.items()})
+    parallel = _copy(body, _name(body, "parallel"), {k: v[1] for k, v in passes.items()})
+    return numba.njit(**_OPTIONS)(serial), numba.njit(**_OPTIONS)(parallel)

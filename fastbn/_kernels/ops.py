@@ -1,0 +1,206 @@
+"""Whole operations, one Numba dispatch from Python each, composed from the passes.
+
+Every operation is one Python body compiled twice (``jit.operations``): the serial
+target calls the passes' serial drivers, the parallel target their ``parallel=True``
+drivers, so a small input compiles and runs serial code only. In the bodies,
+``moments_pass``, ``gradsums_pass``, ``affine_pass``, ``fused_forward_pass``,
+``fused_backward_pass`` and ``affine_op`` name the pass of the target being compiled
+(the serial ones below are what a linter sees).
+
+Per-channel float64 arrays: ``stats`` is ``(4, C)``: mean, m2 (sum of squared
+deviations), biased variance, invstd; ``grads`` is ``(2, C)``: dgamma, dbeta; ``sums``
+is ``(2, C)``: ``sum(dy)``, ``sum(dy * (x - mean))``.
+"""
+
+import numpy as np
+
+from . import fused
+from .affine import affine_parallel, affine_serial
+from .coefficients import any_clamped, new_work, working
+from .gradsums import gradsums_parallel, gradsums_serial, merge_sums
+from .jit import jit, operations
+from .layout import CHANNELS, FUSED, NBLOCKS, W_DY_MEAN, W_DY_SCALE, W_MEAN, W_OFFSET, W_SCALE
+from .moments import merge_moments, moments_parallel, moments_serial
+
+_PASSES = dict(
+    moments_pass=(moments_serial, moments_parallel),
+    gradsums_pass=(gradsums_serial, gradsums_parallel),
+    affine_pass=(affine_serial, affine_parallel),
+    fused_forward_pass=(fused.forward_serial, fused.forward_parallel),
+    fused_backward_pass=(fused.backward_serial, fused.backward_parallel),
+)
+moments_pass, gradsums_pass, affine_pass = moments_serial, gradsums_serial, affine_serial
+fused_forward_pass, fused_backward_pass = fused.forward_serial, fused.backward_serial
+
+
+def _affine_op(plan, x, dy, out, m, p, q, g, dsum, n, with_dy, stream_bytes):
+    """The elementwise pass with float64 coefficients ``m, p, q, g`` (``dy`` centred on
+    ``dsum / n`` when ``with_dy``). Returns True when they do not fit the storage dtype
+    (``out`` must then be redone in float64)."""
+    stream = out.size * out.itemsize >= stream_bytes
+    work = working(out, m, p, q, g, dsum, n, with_dy)
+    w = (work[W_MEAN], work[W_SCALE], work[W_OFFSET], work[W_DY_SCALE], work[W_DY_MEAN])
+    affine_pass(plan, x, dy, out, w[0], w[1], w[2], w[3], w[4], with_dy, stream)
+    return any_clamped(work, m.shape[0])
+
+
+affine_op_serial, affine_op_parallel = operations(_affine_op, **_PASSES)
+affine_op = affine_op_serial
+_PASSES["affine_op"] = (affine_op_serial, affine_op_parallel)
+
+
+def _moments(plan, counts, x, stats):
+    """Per-channel mean and m2 of ``x`` into ``stats[0:2]`` (the statistics pass and
+    its merge, without the variance)."""
+    shape = (plan[NBLOCKS], plan[CHANNELS])
+    s1, s2, shift = np.empty(shape), np.empty(shape), np.empty(shape)
+    moments_pass(plan, x, s1, s2, shift)
+    merge_moments(s1, s2, shift, counts, stats[0], stats[1])
+
+
+moments_op_serial, moments_op_parallel = operations(_moments, **_PASSES)
+_PASSES["moments_op"] = (moments_op_serial, moments_op_parallel)
+moments_op = moments_op_serial
+
+
+@jit
+def _blend(running, batch, momentum):
+    """``(1 - momentum) * running + momentum * batch``. Reassociated (fastmath, also
+    after inlining) as ``running + momentum * (batch - running)`` it would turn an inf
+    running value into NaN, so that case keeps the exact formula's answer explicitly."""
+    if np.isfinite(running):
+        return (1.0 - momentum) * running + momentum * batch
+    return running + momentum * batch  # inf stays inf unless batch brings a NaN / -inf
+
+
+@jit
+def update_running(running, batch, scale, momentum):
+    """``running = (1 - momentum) * running + momentum * batch * scale`` per channel; a
+    term whose factor is 0 is skipped, so ``momentum=1`` replaces an inf running value
+    instead of making it NaN and ``momentum=0`` keeps it bit for bit."""
+    if momentum == 0.0:
+        return
+    for c in range(batch.shape[0]):
+        value = batch[c] * scale
+        if momentum == 1.0:
+            running[c] = value
+        else:
+            running[c] = _blend(running[c], value, momentum)
+
+
+@jit
+def _running(stats, n, ddof, running_mean, running_var, momentum, update_mean, update_var):
+    """The running statistics' update from ``stats`` of ``n`` values per channel: the
+    batch variance with ``ddof`` (1: unbiased, 0: biased) goes into ``running_var``."""
+    if update_mean:
+        update_running(running_mean, stats[0], 1.0, momentum)
+    if update_var:
+        update_running(running_var, stats[2], n / (n - ddof), momentum)
+
+
+@jit
+def _check_variance(stats):
+    """False when some variance is not finite; a NaN variance (a NaN or inf in the
+    channel) makes that channel's mean NaN too."""
+    finite = True
+    for c in range(stats.shape[1]):
+        if not np.isfinite(stats[2, c]):
+            finite = False
+            if stats[2, c] != stats[2, c]:
+                stats[0, c] = np.nan
+    return finite
+
+
+def _forward_eval(plan, x, y, gamma, beta, eps, stats, stream_bytes):
+    """``y = (x - mean) * invstd * gamma + beta`` with ``mean = stats[0]`` and
+    ``invstd = stats[3] = 1 / sqrt(stats[2] + eps)``. Returns False when ``y`` must be
+    redone in float64 (see ``coefficients``)."""
+    mean, var, invstd = stats[0], stats[2], stats[3]
+    C = mean.shape[0]
+    scale = np.empty(C)
+    for c in range(C):
+        invstd[c] = 1.0 / np.sqrt(var[c] + eps)
+        scale[c] = invstd[c] * gamma[c]
+    return not affine_op(plan, x, x, y, mean, scale, beta, scale, mean, 1.0, False, stream_bytes)
+
+
+forward_eval_serial, forward_eval_parallel = operations(_forward_eval, **_PASSES)
+_PASSES["forward_eval_op"] = (forward_eval_serial, forward_eval_parallel)
+forward_eval_op = forward_eval_serial
+
+
+def _forward_train(plan, counts, x, y, gamma, beta, eps, stats, have_stats, stream_bytes, running):
+    """Normalize with the batch statistics (``have_stats``: with those already in ``stats``:
+    mean, m2, var) into ``y``, and update the running statistics.
+
+    ``running`` is ``(running_mean, running_var, momentum, update_mean, update_var, ddof,
+    n)``. Returns ``(finite, fits)``: False when some variance is not finite; False when
+    ``y`` must be redone in float64 (see ``coefficients``)."""
+    fused_path = plan[FUSED] != 0 and not have_stats
+    if fused_path:  # statistics and y, channel by channel
+        stream = y.size * y.itemsize >= stream_bytes
+        scale = np.empty(plan[CHANNELS])
+        work = new_work(y, plan[CHANNELS])
+        shape = (plan[NBLOCKS], plan[CHANNELS])
+        s1, s2, shift = np.empty(shape), np.empty(shape), np.empty(shape)
+        args = (x, y, gamma, beta, eps, counts, s1, s2, shift, stats, scale, work, stream)
+        fused_forward_pass(plan, *args)
+    elif not have_stats:
+        moments_op(plan, counts, x, stats)
+        n = counts.sum()
+        for c in range(stats.shape[1]):
+            stats[2, c] = stats[1, c] / n
+    finite = _check_variance(stats)
+    running_mean, running_var, momentum, update_mean, update_var, ddof, n = running
+    _running(stats, n, ddof, running_mean, running_var, momentum, update_mean, update_var)
+    if fused_path:
+        return finite, not any_clamped(work, plan[CHANNELS])
+    return finite, forward_eval_op(plan, x, y, gamma, beta, eps, stats, stream_bytes)
+
+
+forward_train_serial, forward_train_parallel = operations(_forward_train, **_PASSES)
+
+
+def _grad_sums(plan, dy, x, mean, sums):
+    """``sums[0] = sum(dy)``, ``sums[1] = sum(dy * (x - mean))`` per channel (float64)."""
+    shape = (plan[NBLOCKS], plan[CHANNELS])
+    s1, s2 = np.empty(shape), np.empty(shape)
+    gradsums_pass(plan, dy, x, mean, s1, s2)
+    merge_sums(s1, s2, sums[0], sums[1])
+
+
+grad_sums_serial, grad_sums_parallel = operations(_grad_sums, **_PASSES)
+_PASSES["grad_sums_op"] = (grad_sums_serial, grad_sums_parallel)
+grad_sums_op = grad_sums_serial
+
+
+def _backward(
+    plan, dy, x, dx, mean, invstd, gamma, n, training, grads, sums, have_sums, stream_bytes
+):
+    """``dx``, and ``grads`` = (dgamma, dbeta) = (``sums[1] * invstd``, ``sums[0]``) from
+    the gradient sums of ``dy`` (``have_sums``: the given ``sums``, e.g. summed over
+    processes; ``n`` is then their number of values per channel). Returns False when
+    ``dx`` must be redone in float64 (see ``coefficients``)."""
+    C = plan[CHANNELS]
+    coef = np.empty((3, C))  # g, p, q of dx = dy * g + (x - mean) * p + q
+    if plan[FUSED] and not have_sums:  # sums and dx, channel by channel
+        stream = dx.size * dx.itemsize >= stream_bytes
+        work = new_work(dx, C)
+        s1, s2 = np.empty((1, C)), np.empty((1, C))
+        args = (dy, x, dx, mean, invstd, gamma, n, training, s1, s2, grads, coef, work, stream)
+        fused_backward_pass(plan, *args)
+        for c in range(C):
+            sums[0, c], sums[1, c] = s1[0, c], s2[0, c]
+        return not any_clamped(work, C)
+    if not have_sums:
+        grad_sums_op(plan, dy, x, mean, sums)
+    for c in range(C):
+        fused.grad_params(c, sums[0, c], sums[1, c], invstd, gamma, n, training, grads, coef)
+    g, p, q = coef[0], coef[1], coef[2]
+    if training:
+        return not affine_op(plan, x, dy, dx, mean, p, q, g, sums[0], n, True, stream_bytes)
+    # dx = dy * gamma * invstd: x is not read (a NaN there must not leak into dx)
+    return not affine_op(plan, dy, dy, dx, q, g, q, g, q, 1.0, False, stream_bytes)
+
+
+backward_serial, backward_parallel = operations(_backward, **_PASSES)

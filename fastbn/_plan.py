@@ -1,0 +1,108 @@
+"""The work partition: how a canonical shape ``(outer, C, inner)`` is cut into tasks.
+
+The partition depends only on the shape and the element size, never on the thread
+count, so the reduction order (and hence every bit of the result) is the same on 1
+thread or 16 and from run to run. ``Plan.ints`` is what the kernels read (rows named in
+``fastbn._kernels.layout``).
+"""
+
+import glob
+
+import numpy as np
+
+from ._kernels import layout as L
+
+# Elements per task: big enough to amortize a task, small enough for 2+ threads.
+_TASK_ELEMENTS = 1 << 16
+# Row chunks wider than this are split into column chunks (rows family).
+_MAX_SPLIT_WIDTH = 4096
+_SPLIT_WIDTH = 1024
+# Row blocks each have a row of float64 partial sums per channel; fresh multi-MiB
+# partial buffers page-fault on every call, so blocks grow until there are at most
+# _MAX_BLOCKS of them and a buffer holds at most _MAX_PARTIALS values (README,
+# performance notes). Wide rows still give many tasks through their column splits.
+_MAX_BLOCKS = 64
+_MAX_PARTIALS = 1 << 15
+# Below this many elements a parallel region costs more than it saves.
+SERIAL_BELOW = 1 << 15
+# Planes of one channel up to this many bytes are processed by one task that reads them
+# from memory once per pass and again from its core's L2 cache.
+FUSE_BYTES = 512 << 10
+
+
+def _last_level_cache_bytes(default=32 << 20):
+    """The size of the largest CPU cache Linux reports (sysfs), else ``default``."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except (OSError, ValueError):
+            continue
+    return max(sizes) if sizes else default
+
+
+# Outputs of at least this many bytes are written with streaming stores: an output that
+# big cannot stay in the last-level cache next to its input anyway, and smaller ones,
+# which ordinary stores leave in cache for the next call, measured faster without.
+STREAM_BYTES = _last_level_cache_bytes() // 2
+
+
+class Plan:
+    """How one canonical shape of ``itemsize``-byte elements is cut into tasks.
+
+    Reductions: block ``b`` of ``block_len`` outer indices times split ``k`` of
+    ``split_width`` columns (rows family) or channel ``k`` (planes). The elementwise
+    pass of the rows family keeps no per-column state, so its tasks are ``affine_block``
+    whole rows. ``counts[b]``: values per channel in block ``b`` (float64).
+    """
+
+    __slots__ = ("outer", "C", "inner", "ints", "counts", "parallel", "fused", "ones", "zeros")
+
+    def __init__(self, outer, C, inner, itemsize):
+        self.outer, self.C, self.inner = outer, C, inner
+        self.fused = inner > 1 and outer * inner * itemsize <= FUSE_BYTES
+        if inner == 1:
+            split_width = C if C <= _MAX_SPLIT_WIDTH else _SPLIT_WIDTH
+            nsplit = -(-C // split_width) if C else 0
+            max_blocks = max(1, min(_MAX_BLOCKS, _MAX_PARTIALS // max(C, 1)))
+            block_len = max(4, _TASK_ELEMENTS // max(split_width, 1), -(-outer // max_blocks))
+            affine_block = max(1, _TASK_ELEMENTS // max(C, 1))
+        else:
+            split_width = 1
+            nsplit = C
+            block_len = max(1, outer) if self.fused else max(1, _TASK_ELEMENTS // inner)
+            affine_block = block_len
+        nblocks = max(1, -(-outer // block_len))
+        ntasks = nblocks * nsplit
+        affine_tasks = max(1, -(-outer // affine_block)) if inner == 1 else ntasks
+        self.parallel = ntasks > 1 and outer * C * inner >= SERIAL_BELOW
+        ints = np.zeros(L.PLAN_SIZE, np.int64)
+        ints[L.OUTER], ints[L.CHANNELS], ints[L.INNER] = outer, C, inner
+        ints[L.BLOCK_LEN], ints[L.NBLOCKS], ints[L.NSPLIT] = block_len, nblocks, nsplit
+        ints[L.SPLIT_WIDTH], ints[L.NTASKS] = split_width, ntasks
+        ints[L.PARALLEL], ints[L.FUSED] = self.parallel, self.fused
+        ints[L.AFFINE_BLOCK], ints[L.AFFINE_TASKS] = affine_block, affine_tasks
+        self.ints = ints
+        counts = np.full(nblocks, float(block_len * inner))
+        counts[-1] = float((outer - (nblocks - 1) * block_len) * inner)
+        self.counts = counts
+        storage = np.float32 if itemsize == 4 else np.float64
+        self.ones = np.ones(C, storage)  # gamma when there is none
+        self.zeros = np.zeros(C, storage)  # beta when there is none
+
+
+_plans = {}
+
+
+def plan_for(outer, C, inner, itemsize):
+    """The (cached) ``Plan`` of a canonical shape."""
+    key = (outer, C, inner, itemsize)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) > 256:
+            _plans.clear()
+        plan = _plans[key] = Plan(outer, C, inner, itemsize)
+    return plan
