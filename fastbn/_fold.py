@@ -45,7 +45,9 @@ def fold(weight, bias, bn, *, out_axis, eps=None):
         ``gamma`` and ``beta`` (or PyTorch's ``weight`` and ``bias``) are optional (absent:
         1 and 0, as ``affine=False``); ``num_batches_tracked`` is ignored.
     out_axis : int
-        See ``weight``; negative values count from the end.
+        See ``weight``; negative values count from the end. A wrong axis of the right
+        length cannot be detected (a square ``Linear``; a transposed convolution given
+        ``out_axis=0``, its input channels, when they are as many as its outputs).
     eps : positive float or None
         None: the layer's ``eps``, or 1e-5 (the default of ``BatchNorm``) for a mapping.
 
