@@ -5,8 +5,9 @@
 >>> y, cache = fastbn.batch_norm(x, np.ones(16, np.float32), np.zeros(16, np.float32))
 >>> dx, dgamma, dbeta = fastbn.batch_norm_backward(np.ones_like(y), cache)
 
-See ``fastbn.batch_norm``, ``fastbn.batch_norm_backward``, ``fastbn.BatchNorm`` and
-``fastbn.reference`` (the naive NumPy implementation with the same signatures).
+See ``fastbn.batch_norm``, ``fastbn.batch_norm_backward``, ``fastbn.BatchNorm``,
+``fastbn.fold`` (batch norm absorbed into the preceding layer) and ``fastbn.reference``
+(the naive NumPy implementation with the same signatures).
 """
 
 from . import _cache_dir  # noqa: F401  # isort: skip  (first: Numba's cache dir, then kernels)
@@ -18,6 +19,8 @@ from ._threading import get_num_threads, num_threads, set_num_threads, threading
 from .functional import BatchNormCache, batch_norm, batch_norm_backward
 from .layer import BatchNorm
 
+from ._fold import fold  # isort: skip  (imports .layer, hence the kernels: after _threading)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -25,6 +28,7 @@ __all__ = [
     "batch_norm_backward",
     "BatchNorm",
     "BatchNormCache",
+    "fold",
     "reference",
     "set_num_threads",
     "get_num_threads",

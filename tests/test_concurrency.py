@@ -1,8 +1,8 @@
 """Concurrency and determinism: many Python threads at once give the serial results,
 and the bits never depend on the number of Numba threads.
 
-The shapes are chosen so that both kernel families run their parallel drivers
-(several tasks, above the serial threshold), plus one small serial shape.
+The shapes (``_cases.DRIVER_SHAPES``) are chosen so that both kernel families run their
+parallel drivers (several tasks, above the serial threshold), plus one small serial shape.
 """
 
 import hashlib
@@ -19,28 +19,20 @@ import pytest
 
 import fastbn
 
-# (shape, channel axis)
-SHAPES = [
-    ((4, 8, 1024), 1),  # planes, 8 channels x 1 block
-    ((1040, 64), 1),  # rows, 2 blocks of rows
-    ((8, 5000), 1),  # rows wider than the split width: 5 column chunks
-    ((40, 16, 16, 8), -1),  # channels-last, rows, 2 blocks
-    ((16, 3, 40, 40), 1),  # NCHW with NHWC memory (made below): rows, 2 blocks
-    ((24, 5), 1),  # small: serial kernels
-]
+from _cases import DRIVER_SHAPES, relayout
+
 THREADS = 8
 ITERATIONS = 200
 MAX_THREADS = numba.config.NUMBA_NUM_THREADS
 
 
 def _inputs(i, dtype=np.float32):
-    shape, axis = SHAPES[i % len(SHAPES)]
+    shape, axis, how = DRIVER_SHAPES[i % len(DRIVER_SHAPES)]
     rng = np.random.default_rng(100 + i)
     C = shape[axis]
     x = (rng.standard_normal(shape) * (1 + i) + i).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
-    if shape == (16, 3, 40, 40):  # channels-last memory
-        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    x = relayout(x, how)
     gamma = (1 + 0.1 * rng.standard_normal(C)).astype(dtype)
     beta = rng.standard_normal(C).astype(dtype)
     return x, dy, gamma, beta, axis
@@ -86,7 +78,7 @@ def test_eight_threads_match_serial_results():
 
 @pytest.mark.skipif(MAX_THREADS < 2, reason="needs NUMBA_NUM_THREADS >= 2")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("i", range(len(SHAPES)))
+@pytest.mark.parametrize("i", range(len(DRIVER_SHAPES)))
 def test_bits_do_not_depend_on_thread_count(i, dtype):
     args = _inputs(i, dtype)
     results = {}
@@ -134,17 +126,17 @@ _CHILD = textwrap.dedent(
     import hashlib, json, sys, threading
     sys.path.insert(0, {tests!r})
     import fastbn
-    from test_concurrency import SHAPES, _inputs, _run
+    from test_concurrency import DRIVER_SHAPES, _inputs, _run
 
     def digest(i):
         return hashlib.sha256(b"".join(_run(*_inputs(i)))).hexdigest()
 
-    want = [digest(i) for i in range(len(SHAPES))]
+    want = [digest(i) for i in range(len(DRIVER_SHAPES))]
     bad = []
 
     def worker(i):
         for _ in range(10):
-            if digest(i % len(SHAPES)) != want[i % len(SHAPES)]:
+            if digest(i % len(DRIVER_SHAPES)) != want[i % len(DRIVER_SHAPES)]:
                 bad.append(i)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
@@ -169,7 +161,9 @@ def test_another_process_gives_the_same_bits(env):
     parallel code) fastbn serializes, and 3 Numba threads give the same bits as 2."""
     from fastbn import _threading
 
-    mine = [hashlib.sha256(b"".join(_run(*_inputs(i)))).hexdigest() for i in range(len(SHAPES))]
+    mine = [
+        hashlib.sha256(b"".join(_run(*_inputs(i)))).hexdigest() for i in range(len(DRIVER_SHAPES))
+    ]
     code = _CHILD.format(tests=os.path.dirname(__file__))
     proc = subprocess.run(
         [sys.executable, "-c", code],

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 import fastbn
 
+from _cases import f64, relayout
+
 SCALE = int(os.environ.get("FASTBN_HYPOTHESIS_SCALE", "1"))
 # 300 + 150 + 100 = 550 examples per run at SCALE=1.
 N_REFERENCE, N_MOMENTS, N_LAYOUTS = 300 * SCALE, 150 * SCALE, 100 * SCALE
@@ -53,7 +55,9 @@ def cases(draw, dtypes=(np.float16, np.float32, np.float64), training=None):
         "axis": axis,
         "scale": 10.0**log_scale,
         "ratio": ratio,
-        "layout": draw(st.sampled_from(["C", "F", "reversed", "strided", "permuted"])),
+        "layout": draw(
+            st.sampled_from(["contiguous", "fortran", "reverse_all", "every_other", "permuted"])
+        ),
         "perm_seed": draw(st.integers(0, 2**16)),
         "affine": draw(st.booleans()),
         "constant_channel": draw(st.booleans()),
@@ -61,22 +65,6 @@ def cases(draw, dtypes=(np.float16, np.float32, np.float64), training=None):
         "momentum": draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])),
         "seed": draw(st.integers(0, 2**32 - 1)),
     }
-
-
-def _relayout(a, how, seed):
-    if how == "C":
-        return a.copy()
-    if how == "F":
-        return np.asfortranarray(a)
-    if how == "reversed":
-        idx = (slice(None, None, -1),) * a.ndim
-        return np.ascontiguousarray(a[idx])[idx]
-    if how == "strided":
-        big = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
-        big[..., ::2] = a
-        return big[..., ::2]
-    perm = np.random.default_rng(seed).permutation(a.ndim)  # memory order = perm
-    return np.ascontiguousarray(a.transpose(perm)).transpose(np.argsort(perm))
 
 
 def _make(case):
@@ -94,8 +82,8 @@ def _make(case):
         beta = (2 * rng.standard_normal(C)).astype(dtype)
     rm = (offset + scale * rng.standard_normal(C)).astype(dtype)
     rv = (scale**2 * rng.uniform(0.5, 2.0, C)).astype(dtype)
-    x = _relayout(x, case["layout"], case["perm_seed"])
-    dy = _relayout(dy, case["layout"], case["perm_seed"] + 1)
+    x = relayout(x, case["layout"], seed=case["perm_seed"])
+    dy = relayout(dy, case["layout"], seed=case["perm_seed"] + 1)
     return x, dy, gamma, beta, rm, rv
 
 
@@ -142,11 +130,11 @@ def _reference_and_bounds(x, dy, gamma, beta, rm, rv, kw):
     )
     dx_ref, dgamma_ref, dbeta_ref = fastbn.reference.batch_norm_backward(_hi(dy), cache_ref)
     C, n = x.shape[axis], x.size // x.shape[axis]
-    g = np.ones(C) if gamma is None else np.abs(_f64(gamma))
-    b = np.zeros(C) if beta is None else np.abs(_f64(beta))
-    xn = np.abs(_f64(cache_ref["xn"]))  # (values, C): |xhat|
+    g = np.ones(C) if gamma is None else np.abs(f64(gamma))
+    b = np.zeros(C) if beta is None else np.abs(f64(beta))
+    xn = np.abs(f64(cache_ref["xn"]))  # (values, C): |xhat|
     xn_max = xn.max(axis=0)
-    invstd = 1 / _f64(cache_ref["std"])
+    invstd = 1 / f64(cache_ref["std"])
     rel, shift = _error_model(dtype, _ch(x, axis), invstd)
     dy_abs = np.abs(_ch(dy, axis))
     out = {
@@ -161,9 +149,9 @@ def _reference_and_bounds(x, dy, gamma, beta, rm, rv, kw):
         out["dbeta"] = (dbeta_ref, 4 * rel * dy_abs.sum(axis=0))
     if kw["training"]:  # float64 arithmetic, one rounding to their dtype
         m = kw["momentum"]
-        xc2 = _f64(cache_ref["xc"]) ** 2
-        mean_terms = (1 - m) * np.abs(_f64(rm)) + m * np.abs(_ch(x, axis)).max(axis=0)
-        var_terms = (1 - m) * np.abs(_f64(rv)) + m * 4 * xc2.max(axis=0) * n / (n - 1)
+        xc2 = f64(cache_ref["xc"]) ** 2
+        mean_terms = (1 - m) * np.abs(f64(rm)) + m * np.abs(_ch(x, axis)).max(axis=0)
+        var_terms = (1 - m) * np.abs(f64(rv)) + m * 4 * xc2.max(axis=0) * n / (n - 1)
         out["running_mean"] = (rm_ref, rel * mean_terms)
         out["running_var"] = (rv_ref, rel * var_terms)
     return out
@@ -199,10 +187,6 @@ def test_matches_higher_precision_reference(case):
     results.update(running_mean=rm, running_var=rv)
     expected = _reference_and_bounds(x, dy, gamma, beta, rm0, rv0, kw)
     _compare(results, expected, axis, dtype)
-
-
-def _f64(a):
-    return np.asarray(a, np.float64)
 
 
 @_settings(N_MOMENTS)

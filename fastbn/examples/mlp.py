@@ -11,8 +11,10 @@ the time spent inside batch-norm calls is accumulated per network.
 >>> x, t = rng.standard_normal((64, 8)), rng.integers(0, 3, 64)
 >>> net = MLP(8, [16, 16], 3, weight_scale="he", batch_norm="fastbn", seed=0)
 >>> opt = SGD(net.parameters(), lr=0.1)
->>> loss = net.loss(x, t); net.backward(); opt.step(net.gradients())
+>>> loss = net.loss(x, t); _ = net.backward(); opt.step(net.gradients())
 >>> 0.0 <= net.accuracy(x, t) <= 1.0
+True
+>>> bool(np.array_equal(net.folded().predict(x), net.predict(x)))  # batch norm folded away
 True
 """
 
@@ -275,6 +277,13 @@ class MLP:
 
     def accuracy(self, x, labels):
         return float(np.mean(self.predict(x) == labels))
+
+    def folded(self):
+        """An inference-only copy with each batch norm folded into the ``Affine`` before it
+        (``fastbn.fold``): the same predictions as ``predict``. See ``examples.folded``."""
+        from .folded import fold_mlp  # folded imports this module
+
+        return fold_mlp(self)
 
 
 class SGD:
