@@ -20,10 +20,12 @@ def _ro(a):
     return v
 
 
-def _call(plan, serial, parallel, *args):
+def _call(plan, name, fused, *args):
+    """Run operation ``name`` in the target the plan needs (``ops.TARGETS``)."""
+    target = ops.TARGETS[name][plan.parallel, fused]
     if plan.parallel:
-        return parallel_call(parallel, *args)
-    return serial(*args)
+        return parallel_call(target, *args)
+    return target(*args)
 
 
 def _param(p, default):
@@ -75,7 +77,7 @@ def forward_train(plan, x, y, gamma, beta, eps, running_mean, running_var, momen
     running += (float(kw.get("ddof", 1)), n)
     args = (plan.ints, plan.counts, _ro(x), y, gamma, beta, eps, stats, given is not None)
     args += (_plan.STREAM_BYTES, running)
-    finite, fits = _call(plan, ops.forward_train_serial, ops.forward_train_parallel, *args)
+    finite, fits = _call(plan, "forward_train", plan.fused and given is None, *args)
     if not fits:
         _affine_float64(plan, y, x, stats[0], stats[3] * gamma, beta)
     for given_array, used in ((running_mean, rm), (running_var, rv)):
@@ -90,7 +92,7 @@ def forward_eval(plan, x, y, gamma, beta, eps, mean, var):
     stats = np.empty((4, plan.C))
     stats[0], stats[2] = mean, var
     args = (plan.ints, _ro(x), y, gamma, beta, eps, stats, _plan.STREAM_BYTES)
-    if not _call(plan, ops.forward_eval_serial, ops.forward_eval_parallel, *args):
+    if not _call(plan, "forward_eval", False, *args):
         _affine_float64(plan, y, x, stats[0], stats[3] * gamma, beta)
     return stats
 
@@ -125,7 +127,7 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training, n=None, sums=None):
     gamma = _param(gamma, plan.ones)
     args = (plan.ints, _ro(dy), _ro(x), dx, mean, invstd, gamma, n, bool(training), grads, sums)
     args += (have_sums, _plan.STREAM_BYTES)
-    if not _call(plan, ops.backward_serial, ops.backward_parallel, *args):
+    if not _call(plan, "backward", plan.fused and not have_sums, *args):
         g = gamma * invstd
         if training:  # the coefficients of fused.grad_params
             p, q = -g * invstd * (grads[0] / n), -g * (grads[1] / n)

@@ -13,7 +13,7 @@ flagged (``W_CLAMPED``): the caller then redoes the pass in float64 (``fastbn._l
 
 import numpy as np
 
-from .jit import inline, jit
+from .jit import _copy, inline, jit
 from .layout import W_CLAMPED, W_DY_MEAN, W_DY_SCALE, W_MEAN, W_OFFSET, W_SCALE, WORK_ROWS
 from .stream import LINE, fmuladd
 
@@ -42,8 +42,7 @@ def _offset(m, m_w, p, q, g, d_w):
     return fmuladd(d_w, g, offset) if d_w != 0.0 else offset
 
 
-@inline
-def working_channel(m, p, q, g, d, c, work):
+def _working_channel(m, p, q, g, d, c, work):
     """Channel ``c``'s coefficients from float64 ``m, p, q, g`` (arrays) and ``d`` (a
     number) into column ``c`` of ``work``, clamping and flagging what does not fit."""
     clamped = _narrow(work, W_MEAN, c, m[c])
@@ -53,6 +52,11 @@ def working_channel(m, p, q, g, d, c, work):
     offset = _offset(m[c], work[W_MEAN, c], p[c], q[c], g[c], work[W_DY_MEAN, c])
     clamped |= _narrow(work, W_OFFSET, c, offset)
     work[W_CLAMPED, c] = 1.0 if clamped else 0.0
+
+
+# inlined where it runs per channel (fused planes); called in the rare clamping pass
+working_channel = inline(_working_channel)
+_clamp_channel = jit(_copy(_working_channel, "clamp_channel", {}))
 
 
 @jit
@@ -103,7 +107,7 @@ def working(out, m, p, q, g, dsum, n, center):
         )
     if unfit:
         for c in range(C):
-            working_channel(m, p, q, g, dsum[c] * inv_n if center else 0.0, c, work)
+            _clamp_channel(m, p, q, g, dsum[c] * inv_n if center else 0.0, c, work)
     for c in range(C, C + LINE if C else C):
         for i in range(W_CLAMPED):
             work[i, c] = work[i, c % C]

@@ -46,10 +46,19 @@ def drivers(body):
 
 
 def operations(body, **passes):
-    """``(serial, parallel)`` dispatchers of a whole operation ``body``: each name in
-    ``passes`` maps to a ``(serial, parallel)`` pair, and the body's global of that name is
-    the serial one in the serial target and the parallel one in the other. So a small
-    input compiles and runs only serial code."""
-    serial = _copy(body, _name(body, "serial"), {k: v[0] for k, v in passes.items()})
-    parallel = _copy(body, _name(body, "parallel"), {k: v[1] for k, v in passes.items()})
-    return numba.njit(**_OPTIONS)(serial), numba.njit(**_OPTIONS)(parallel)
+    """The targets of a whole operation ``body``: ``{(parallel, fused): dispatcher}``.
+
+    Each name in ``passes`` maps to a ``(serial, parallel)`` pair: the body's global of
+    that name is the serial one in serial targets and the parallel one in the others, so
+    a small input compiles and runs only serial code. The body's global ``FUSED`` is a
+    constant in each target, and Numba drops the branch it rules out: a target compiles
+    either the fused-planes path or the two-pass one, never both."""
+    targets = {}
+    for parallel in (False, True):
+        for fused in (False, True):
+            replace = {k: v[parallel] for k, v in passes.items()}
+            replace["FUSED"] = fused
+            kind = ("parallel" if parallel else "serial") + ("_fused" if fused else "")
+            fn = _copy(body, _name(body, kind), replace)
+            targets[parallel, fused] = numba.njit(**_OPTIONS)(fn)
+    return targets

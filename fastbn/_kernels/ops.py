@@ -1,11 +1,13 @@
 """Whole operations, one Numba dispatch from Python each, composed from the passes.
 
-Every operation is one Python body compiled twice (``jit.operations``): the serial
-target calls the passes' serial drivers, the parallel target their ``parallel=True``
-drivers, so a small input compiles and runs serial code only. In the bodies,
-``moments_pass``, ``gradsums_pass``, ``affine_pass``, ``fused_forward_pass``,
-``fused_backward_pass`` and ``affine_op`` name the pass of the target being compiled
-(the serial ones below are what a linter sees).
+Every operation is one Python body compiled into targets (``jit.operations``): serial
+targets call the passes' serial drivers, parallel ones their ``parallel=True`` drivers;
+fused targets hold the fused-planes path only (``FUSED``), the others the two-pass
+path. So a call compiles only the code its plan runs. In the bodies ``moments_pass``,
+``gradsums_pass``, ``affine_pass``, ``fused_forward_pass``, ``fused_backward_pass``
+and the ``*_op`` names are the pass of the target being compiled (the serial ones
+below are what a linter sees). ``TARGETS[name][parallel, fused]`` is an operation's
+dispatcher.
 
 Per-channel float64 arrays: ``stats`` is ``(4, C)``: mean, m2 (sum of squared
 deviations), biased variance, invstd; ``grads`` is ``(2, C)``: dgamma, dbeta; ``sums``
@@ -19,7 +21,7 @@ from .affine import affine_parallel, affine_serial
 from .coefficients import any_clamped, new_work, working
 from .gradsums import gradsums_parallel, gradsums_serial, merge_sums
 from .jit import jit, operations
-from .layout import CHANNELS, FUSED, NBLOCKS, W_DY_MEAN, W_DY_SCALE, W_MEAN, W_OFFSET, W_SCALE
+from .layout import CHANNELS, NBLOCKS, W_DY_MEAN, W_DY_SCALE, W_MEAN, W_OFFSET, W_SCALE
 from .moments import merge_moments, moments_parallel, moments_serial
 
 _PASSES = dict(
@@ -31,9 +33,19 @@ _PASSES = dict(
 )
 moments_pass, gradsums_pass, affine_pass = moments_serial, gradsums_serial, affine_serial
 fused_forward_pass, fused_backward_pass = fused.forward_serial, fused.backward_serial
+FUSED = False
+TARGETS = {}
 
 
-def _affine_op(plan, x, dy, out, m, p, q, g, dsum, n, with_dy, stream_bytes):
+def _register(body):
+    """Targets of ``body``; its two-pass pair becomes a pass the later bodies may call."""
+    name = body.__name__.lstrip("_")
+    targets = TARGETS[name] = operations(body, **_PASSES)
+    _PASSES[name + "_op"] = (targets[False, False], targets[True, False])
+    return targets[False, False]
+
+
+def _affine(plan, x, dy, out, m, p, q, g, dsum, n, with_dy, stream_bytes):
     """The elementwise pass with float64 coefficients ``m, p, q, g`` (``dy`` centred on
     ``dsum / n`` when ``with_dy``). Returns True when they do not fit the storage dtype
     (``out`` must then be redone in float64)."""
@@ -44,9 +56,7 @@ def _affine_op(plan, x, dy, out, m, p, q, g, dsum, n, with_dy, stream_bytes):
     return any_clamped(work, m.shape[0])
 
 
-affine_op_serial, affine_op_parallel = operations(_affine_op, **_PASSES)
-affine_op = affine_op_serial
-_PASSES["affine_op"] = (affine_op_serial, affine_op_parallel)
+affine_op = _register(_affine)
 
 
 def _moments(plan, counts, x, stats):
@@ -58,9 +68,7 @@ def _moments(plan, counts, x, stats):
     merge_moments(s1, s2, shift, counts, stats[0], stats[1])
 
 
-moments_op_serial, moments_op_parallel = operations(_moments, **_PASSES)
-_PASSES["moments_op"] = (moments_op_serial, moments_op_parallel)
-moments_op = moments_op_serial
+moments_op = _register(_moments)
 
 
 @jit
@@ -124,9 +132,7 @@ def _forward_eval(plan, x, y, gamma, beta, eps, stats, stream_bytes):
     return not affine_op(plan, x, x, y, mean, scale, beta, scale, mean, 1.0, False, stream_bytes)
 
 
-forward_eval_serial, forward_eval_parallel = operations(_forward_eval, **_PASSES)
-_PASSES["forward_eval_op"] = (forward_eval_serial, forward_eval_parallel)
-forward_eval_op = forward_eval_serial
+forward_eval_op = _register(_forward_eval)
 
 
 def _forward_train(plan, counts, x, y, gamma, beta, eps, stats, have_stats, stream_bytes, running):
@@ -136,8 +142,7 @@ def _forward_train(plan, counts, x, y, gamma, beta, eps, stats, have_stats, stre
     ``running`` is ``(running_mean, running_var, momentum, update_mean, update_var, ddof,
     n)``. Returns ``(finite, fits)``: False when some variance is not finite; False when
     ``y`` must be redone in float64 (see ``coefficients``)."""
-    fused_path = plan[FUSED] != 0 and not have_stats
-    if fused_path:  # statistics and y, channel by channel
+    if FUSED:  # statistics and y, channel by channel (have_stats is False)
         stream = y.size * y.itemsize >= stream_bytes
         scale = np.empty(plan[CHANNELS])
         work = new_work(y, plan[CHANNELS])
@@ -153,12 +158,12 @@ def _forward_train(plan, counts, x, y, gamma, beta, eps, stats, have_stats, stre
     finite = _check_variance(stats)
     running_mean, running_var, momentum, update_mean, update_var, ddof, n = running
     _running(stats, n, ddof, running_mean, running_var, momentum, update_mean, update_var)
-    if fused_path:
+    if FUSED:
         return finite, not any_clamped(work, plan[CHANNELS])
     return finite, forward_eval_op(plan, x, y, gamma, beta, eps, stats, stream_bytes)
 
 
-forward_train_serial, forward_train_parallel = operations(_forward_train, **_PASSES)
+_register(_forward_train)
 
 
 def _grad_sums(plan, dy, x, mean, sums):
@@ -169,9 +174,7 @@ def _grad_sums(plan, dy, x, mean, sums):
     merge_sums(s1, s2, sums[0], sums[1])
 
 
-grad_sums_serial, grad_sums_parallel = operations(_grad_sums, **_PASSES)
-_PASSES["grad_sums_op"] = (grad_sums_serial, grad_sums_parallel)
-grad_sums_op = grad_sums_serial
+grad_sums_op = _register(_grad_sums)
 
 
 def _backward(
@@ -183,7 +186,7 @@ def _backward(
     ``dx`` must be redone in float64 (see ``coefficients``)."""
     C = plan[CHANNELS]
     coef = np.empty((3, C))  # g, p, q of dx = dy * g + (x - mean) * p + q
-    if plan[FUSED] and not have_sums:  # sums and dx, channel by channel
+    if FUSED:  # sums and dx, channel by channel (have_sums is False)
         stream = dx.size * dx.itemsize >= stream_bytes
         work = new_work(dx, C)
         s1, s2 = np.empty((1, C)), np.empty((1, C))
@@ -203,4 +206,4 @@ def _backward(
     return not affine_op(plan, dy, dy, dx, q, g, q, g, q, 1.0, False, stream_bytes)
 
 
-backward_serial, backward_parallel = operations(_backward, **_PASSES)
+_register(_backward)
