@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from .._threading import set_num_threads
+from .. import set_num_threads
 from . import noise, report
 from .cases import (
     BUSY_CASES,

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import numba
 import numpy as np
 
-from .. import _threading
+from .. import threading_layer_name
 from .cases import BARS, BUSY_BAR, BY_NAME, FUSION_BARS, IMPLS, torch_or_none
 from .runners import FUSION_IMPLS
 
@@ -28,7 +28,7 @@ def machine_info(threads):
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "cpu": cpu,
         "threads": threads,
-        "threading_layer": _threading.threading_layer_name(),
+        "threading_layer": threading_layer_name(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "numba": numba.__version__,

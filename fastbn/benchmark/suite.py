@@ -2,14 +2,12 @@
 the probe, the fusion, thread scaling and the busy-machine comparison."""
 
 import dataclasses
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from .. import functional, layer
+from .. import functional, layer, num_threads
 from .. import reference as ref
-from .._threading import num_threads
 from . import noise
 from .busy import BusyLoad
 from .cases import MIN_TRAFFIC, Case, make_data
@@ -183,11 +181,3 @@ def check_against_reference(cases, dtypes):
                 err = float(np.max(np.abs(g - w)) / np.max(np.abs(w)))
                 rows.append((case.name, np.dtype(dtype).name, name, err, tol))
     return rows
-
-
-def timed_loop(items, progress):
-    """Yield ``(i, item)`` with a progress line giving the elapsed time."""
-    started = time.perf_counter()
-    for i, item in enumerate(items):
-        progress(f"[{i + 1}/{len(items)}] {item} ({time.perf_counter() - started:.0f} s elapsed)")
-        yield i, item
