@@ -5,6 +5,7 @@ No timing is asserted; what is asserted is what each part computes or decides.
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -92,6 +93,9 @@ def test_torch_gets_the_same_memory_as_channels_last():
     y = runners.make_runner("torch", "forward_train", case, data, threads=1)()
     want, _ = ref.batch_norm(data["x"].astype(np.float64), data["gamma"], data["beta"], axis=-1)
     np.testing.assert_allclose(np.moveaxis(y.numpy(), 1, -1), want, rtol=2e-4, atol=2e-5)
+    y = runners.make_runner("torch_relu", "forward_train", case, data, threads=1)()
+    relu = np.maximum(want, 0)
+    np.testing.assert_allclose(np.moveaxis(y.numpy(), 1, -1), relu, rtol=2e-4, atol=2e-5)
 
 
 # -- fusion: chosen by the signature of fastbn.batch_norm -----------------------------------
@@ -258,9 +262,19 @@ def test_bars_are_evaluated_from_the_measured_ratios():
 # -- busy load ------------------------------------------------------------------------------------
 
 
+def _cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as fh:  # utime + stime, fields 14 and 15, in ticks
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_busy_load_spins_and_stops_by_itself():
     with BusyLoad(2, seconds=60) as load:
         assert load.alive() and len(load.pids()) == 2
+        time.sleep(1.0)
+        if os.path.exists(f"/proc/{load.pids()[0]}/stat"):
+            # each spins: at least a fifth of a core over the second, even on a loaded machine
+            assert all(_cpu_seconds(pid) > 0.2 for pid in load.pids())
     assert load.pids() == []  # terminated on exit
     with BusyLoad(1, seconds=0.3) as load:
         time.sleep(3.0)
@@ -287,3 +301,21 @@ def test_small_case_reports_copyto_apart_from_the_implementations():
     case = cases.BY_NAME["64x256"]
     (r,) = bench_case(case, "float32", ["forward_train"], ["fastbn"], threads=1, rounds=1)
     assert r.copyto_ms > 0 and set(r.ms) == {"fastbn"} and r.noise["rounds"] == 1
+
+
+def test_bench_fusion_table_and_json(tmp_path, capsys, monkeypatch):
+    """With activation= available (stubbed by composition until it lands), the command
+    adds a fusion table and a ``fusion`` list to the JSON; the fusion bars are judged."""
+    if not runners.fusion_available():
+        _stub_fused(monkeypatch)
+    out = tmp_path / "fusion.json"
+    argv = ["bench", "--cases", "64x256", "--ops", "forward_backward", "--rounds", "1"]
+    assert main([*argv, "--no-torch", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "batch norm + ReLU" in printed
+    report_ = json.loads(out.read_text())
+    (row,) = report_["fusion"]
+    assert set(row["ms"]) == {"fastbn_out", "relu", "relu_out", "unfused"}
+    metrics = {b["metric"] for b in report_["bars"] if b["case"] == "64x256"}
+    assert {"relu_out/fastbn_out", "unfused/relu"} <= metrics
+    assert [r["op"] for r in report_["results"]] == ["forward_backward"]

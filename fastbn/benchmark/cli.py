@@ -141,7 +141,8 @@ def check_accuracy(cfg):
 def run_tables(cfg):
     """The main tables (and the fusion tables), printed case by case."""
     results, fusion = [], []
-    fusion_impls = ("fastbn_out", *FUSION_IMPLS)
+    with_torch = "torch" in cfg.impls
+    fusion_impls = [i for i in ("fastbn_out", *FUSION_IMPLS) if i != "torch_relu" or with_torch]
     started = time.perf_counter()
     for i, case in enumerate(cfg.cases):
         for dtype in case.dtypes(cfg.dtypes):
