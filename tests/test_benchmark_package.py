@@ -16,7 +16,7 @@ from fastbn import reference as ref
 from fastbn.__main__ import main
 from fastbn.benchmark import cases, cli, noise, report, runners
 from fastbn.benchmark.busy import BusyLoad
-from fastbn.benchmark.suite import Result, bench_case
+from fastbn.benchmark.suite import BusyResult, Result, bench_case
 
 
 def test_case_table_names_the_issues_small_cases():
@@ -257,6 +257,13 @@ def test_bars_are_evaluated_from_the_measured_ratios():
     assert got[("65536x256", "forward_train", "units_out")] == (pytest.approx(1.5), True)
     assert ("65536x256", "forward_backward", "x_torch") not in got  # not measured
     assert "MISSED" in report.format_bars(report.evaluate_bars(results))
+    loaded = {"noisy": True, "kinds": ["load"], "reasons": ["load average 3.0 > 2 cores"]}
+    r = _result("64x256", "forward_backward", {"fastbn": 0.01, "torch": 0.04}, noise_=loaded)
+    (bar,) = report.evaluate_bars([r])
+    assert bar["ok"] and bar["noisy"]  # 4 >= 3, measured on a loaded machine
+    busy = BusyResult("4096x1024", "float32", "forward_backward", 2, 2, 5.0, 6.0, 5.0, 7.0, loaded)
+    (bar,) = report.evaluate_bars([], busy=[busy])
+    assert bar["value"] == pytest.approx(1.2) and bar["ok"] and not bar["noisy"]  # load expected
 
 
 # -- busy load ------------------------------------------------------------------------------------
