@@ -1,10 +1,12 @@
 """pytest-benchmark suite over the table in ``fastbn.benchmark``.
 
 Groups are (operation, case, dtype); inside a group the implementations ``reference``,
-``fastbn``, ``fastbn_out``, ``torch`` (when importable) and the streaming ``probe`` line
-up for comparison. Run with ``pytest bench --benchmark-only``; the normal test run does
-not collect this directory. JIT compilation is warmed in the runners' first call,
-before pytest-benchmark starts timing.
+``fastbn``, ``fastbn_out``, ``torch`` (when importable), the streaming ``probe``, on the
+small cases ``copyto`` (``np.copyto`` of the same bytes), and on the fusion cases the
+batch norm + ReLU runners (when ``fastbn.batch_norm`` takes ``activation=``) line up for
+comparison. Run with ``pytest bench --benchmark-only``; the normal test run does not
+collect this directory. JIT compilation is warmed in the runners' first call, before
+pytest-benchmark starts timing.
 """
 
 import numba
@@ -14,7 +16,6 @@ import pytest
 import fastbn
 from fastbn import benchmark as B
 
-IMPLS = (*B.IMPLS, "probe")
 _data_cache = {}
 
 
@@ -32,10 +33,24 @@ def _cases(config):
     return list(B.CASES)
 
 
+def _impls(case):
+    impls = [*B.IMPLS, "probe"]
+    if case.small:
+        impls.append("copyto")
+    if case.name in B.FUSION_CASES and B.fusion_available():
+        impls += B.FUSION_IMPLS
+    return impls
+
+
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
-        cases = _cases(metafunc.config)
-        metafunc.parametrize("case", cases, ids=[c.name.replace(" ", "_") for c in cases])
+        params, ids = [], []
+        for case in _cases(metafunc.config):
+            for dtype in case.dtypes(("float32", "float64")):
+                for impl in _impls(case):
+                    params.append((case, dtype, impl))
+                    ids.append(f"{case.name.replace(' ', '_')}-{dtype}-{impl}")
+        metafunc.parametrize("case,dtype,impl", params, ids=ids)
 
 
 @pytest.fixture(scope="session")
@@ -45,8 +60,6 @@ def threads(request):
     return n
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("op", B.OPS)
 def test_bench(benchmark, case, op, dtype, impl, threads):
     data = _data(case, dtype)
@@ -61,7 +74,8 @@ def test_bench(benchmark, case, op, dtype, impl, threads):
     benchmark.extra_info.update(
         shape=list(case.shape),
         axis=case.axis,
-        layout="channels_last" if case.channels_last else "contiguous",
+        layout=case.layout,
+        api="BatchNorm" if case.layer else "batch_norm",
         bytes=int(np.dtype(dtype).itemsize * case.size),
     )
     rounds = 3 if impl == "reference" and case.size > 1 << 20 else None

@@ -34,6 +34,10 @@ def test_bench_command_writes_json(tmp_path, capsys):
     for r in results:
         assert set(r["ms"]) == {"reference", "fastbn", "fastbn_out"}
         assert all(v > 0 for v in r["ms"].values()) and r["probe_ms"] > 0
+        assert r["copyto_ms"] > 0  # a small case: np.copyto of the same bytes, apart from ms
+        assert r["noise"]["rounds"] == 1 and isinstance(r["noise"]["noisy"], bool)
+    assert report["noise"]["results"] == len(results)
+    assert ("WARNING: noisy machine" in printed) == report["noise"]["noisy"]
 
 
 def test_accuracy_check_covers_every_case_layout():
