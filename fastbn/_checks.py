@@ -217,18 +217,21 @@ def owned_and_distinct(*arrays):
     return True
 
 
-def check_batch(view, training):
-    """Training needs more than one value per channel (as in PyTorch)."""
-    if not training or view.per_channel > 1:
+def check_batch(view, training, running_var_ddof=1):
+    """Training needs more than ``running_var_ddof`` values per channel: more than one
+    for the unbiased running variance (as in PyTorch), at least one for the biased."""
+    if not training or view.per_channel > running_var_ddof:
         return
     if view.per_channel == 0:
         got = "an empty batch"
     else:
         got = "a single value per channel"
+    need = "more than 1 value" if running_var_ddof else "at least 1 value"
     raise ValueError(
-        f"Expected more than 1 value per channel when training, got {got}: x has shape "
+        f"Expected {need} per channel when training, got {got}: x has shape "
         f"{view.shape} with channel axis {view.axis}. Use training=False (running "
         f"statistics) for such inputs"
+        + ("" if view.per_channel == 0 else ", or running_var_ddof=0 (biased running variance)")
     )
 
 
@@ -319,6 +322,15 @@ def check_momentum(momentum, *, required=True):
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
     return momentum
+
+
+def check_ddof(ddof, name="running_var_ddof"):
+    """0 (biased) or 1 (unbiased): an int, not a bool."""
+    if isinstance(ddof, (bool, np.bool_)) or not isinstance(ddof, (int, np.integer)):
+        raise TypeError(f"{name} must be the int 0 or 1, got {type(ddof).__name__} {ddof!r}")
+    if ddof not in (0, 1):
+        raise ValueError(f"{name} must be 0 (biased) or 1 (unbiased), got {ddof!r}")
+    return int(ddof)
 
 
 def check_training(training):

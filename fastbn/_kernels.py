@@ -793,12 +793,13 @@ def forward_train(
     momentum,
     update_mean,
     update_var,
+    var_ddof,
 ):
     """Batch statistics into ``mean``, ``var`` (biased), ``invstd``; then ``y``.
 
     A channel whose variance is NaN (it holds a NaN or an inf) gets a NaN mean too. The
     running statistics, when ``update_*``, become ``(1 - momentum) * running + momentum *
-    batch`` (unbiased variance); a term whose factor is 0 is skipped, so ``momentum=1``
+    batch`` (variance ``var * n / (n - var_ddof)``: 1.0 unbiased, 0.0 biased); a term whose factor is 0 is skipped, so ``momentum=1``
     replaces an inf running value instead of making it NaN. Returns ``(finite, fits)``:
     False when some variance is not finite; False when the elementwise coefficients do
     not fit the storage dtype and ``y`` must be redone in float64 (see ``_narrow``).
@@ -836,7 +837,7 @@ def forward_train(
             else:
                 running_mean[c] = _blend(running_mean[c], mean[c], momentum)
         if update_var and momentum != 0.0:
-            unbiased = var[c] * (n / (n - 1.0))
+            unbiased = var[c] * (n / (n - var_ddof))
             if momentum == 1.0:
                 running_var[c] = unbiased
             else:

@@ -153,9 +153,21 @@ def _gamma_beta(plan, gamma, beta):
     return (plan.ones if gamma is None else gamma), (plan.zeros if beta is None else beta)
 
 
-def forward_train(plan, x, y, gamma, beta, eps, running_mean=None, running_var=None, momentum=0.0):
+def forward_train(
+    plan,
+    x,
+    y,
+    gamma,
+    beta,
+    eps,
+    running_mean=None,
+    running_var=None,
+    momentum=0.0,
+    running_var_ddof=1,
+):
     """Normalize flat ``x`` into flat ``y`` with batch statistics; update the running
-    statistics in place (see ``_kernels.forward_train``).
+    statistics in place (see ``_kernels.forward_train``; ``running_var_ddof``: 1 unbiased,
+    0 biased running variance).
 
     ``gamma``/``beta``: float64 ``(C,)`` or None. Returns float64 ``(mean, var, invstd)``
     (``var`` biased) and whether every variance is finite.
@@ -171,7 +183,7 @@ def forward_train(plan, x, y, gamma, beta, eps, running_mean=None, running_var=N
     momentum = 0.0 if momentum is None else float(momentum)
     args = (plan.ints, plan.counts, _ro(x), y, gamma, beta, eps, mean, var, invstd)
     args += (STREAM_BYTES, stand_in if rm is None else rm, stand_in if rv is None else rv)
-    args += (momentum, rm is not None, rv is not None)
+    args += (momentum, rm is not None, rv is not None, float(running_var_ddof))
     finite, fits = _call(plan, K.forward_train, *args)
     if not fits:
         _affine_float64(plan, y, x, mean, invstd * gamma, beta)

@@ -82,6 +82,7 @@ def batch_norm(
     eps=1e-5,
     axis=1,
     out=None,
+    running_var_ddof=1,
 ):
     """Batch normalization forward.
 
@@ -100,7 +101,9 @@ def batch_norm(
         and ``running_var`` (both required).
     running_mean, running_var : ndarray of shape ``(C,)``, float32/float64, or None
         Updated in place when training: ``running = (1 - momentum) * running +
-        momentum * batch``, with the unbiased batch variance for ``running_var``.
+        momentum * batch``, with the unbiased batch variance for ``running_var``
+        (see ``running_var_ddof``). For the textbooks' ``running = m * running +
+        (1 - m) * batch``, pass ``momentum=1 - m``.
     momentum : float in [0, 1]
         Only used when running statistics are updated; ``None`` (cumulative
         average) needs a batch count and is refused then: use ``BatchNorm``.
@@ -111,6 +114,13 @@ def batch_norm(
     out : ndarray or None
         Receives ``y``; same shape and dtype as ``x``, must not overlap ``x``,
         ``gamma``, ``beta`` or the running statistics.
+    running_var_ddof : int, 0 or 1
+        The batch variance that updates ``running_var`` is ``sum((x - mean)**2) /
+        (n - running_var_ddof)``: 1 (default) is the unbiased one (PyTorch), 0 the
+        biased one (the textbook layers of "Deep Learning from Scratch" and CS231n).
+        With 0, training on a single value per channel is allowed (variance 0:
+        ``y = beta``, ``dx = 0``); with 1 it raises. Normalization always uses the
+        biased variance.
 
     Returns
     -------
@@ -136,7 +146,9 @@ def batch_norm(
         view is not None
         and type(eps) is float
         and 0.0 < eps < math.inf
-        and view.per_channel > 1
+        and type(running_var_ddof) is int
+        and 0 <= running_var_ddof <= 1
+        and view.per_channel > running_var_ddof
         and _checks.fast_channel_params(view.C, gamma, beta, running_mean, running_var)
         and (running_mean is None or running_mean.flags.writeable)
         and (running_var is None or running_var.flags.writeable)
@@ -154,13 +166,14 @@ def batch_norm(
         gamma = _checks.channel_param(gamma, "gamma", C)
         beta = _checks.channel_param(beta, "beta", C)
         eps = _checks.check_eps(eps)
+        running_var_ddof = _checks.check_ddof(running_var_ddof)
         training = _checks.check_training(training)
         if training:
             running_mean = _checks.channel_param(running_mean, "running_mean", C, writable=True)
             running_var = _checks.channel_param(running_var, "running_var", C, writable=True)
             updates = running_mean is not None or running_var is not None
             momentum = _checks.check_momentum(momentum, required=updates)
-            _checks.check_batch(view, training)
+            _checks.check_batch(view, training, running_var_ddof)
             if running_mean is not None and running_var is not None and running_mean is running_var:
                 raise ValueError("running_mean and running_var must be different arrays")
             _checks.check_disjoint(
@@ -194,7 +207,16 @@ def batch_norm(
     if training:
         if x.size:
             mean, var, invstd, finite = _launch.forward_train(
-                plan, x_flat, y_flat, gamma64, beta64, eps, running_mean, running_var, momentum
+                plan,
+                x_flat,
+                y_flat,
+                gamma64,
+                beta64,
+                eps,
+                running_mean,
+                running_var,
+                momentum,
+                running_var_ddof,
             )
             if not finite:
                 _warn_overflow(var)
