@@ -799,8 +799,9 @@ def forward_train(
 
     A channel whose variance is NaN (it holds a NaN or an inf) gets a NaN mean too. The
     running statistics, when ``update_*``, become ``(1 - momentum) * running + momentum *
-    batch`` (variance ``var * n / (n - var_ddof)``: 1.0 unbiased, 0.0 biased); a term whose factor is 0 is skipped, so ``momentum=1``
-    replaces an inf running value instead of making it NaN. Returns ``(finite, fits)``:
+    batch`` (variance ``var * n / (n - var_ddof)``: 1.0 unbiased, 0.0 biased); a term
+    whose factor is 0 is skipped, so ``momentum=1`` replaces an inf running value instead
+    of making it NaN. Returns ``(finite, fits)``:
     False when some variance is not finite; False when the elementwise coefficients do
     not fit the storage dtype and ``y`` must be redone in float64 (see ``_narrow``).
     """

@@ -312,3 +312,22 @@ def test_running_var_ddof_validation_and_single_values():
     with pytest.raises(ValueError, match="running_var_ddof"):
         fastbn.batch_norm(np.ones((4, 3)), None, None, running_mean=rm, running_var_ddof=5)
     assert not rm.any()
+
+
+def test_mixed_dtypes_follow_the_books_promotion():
+    """float32 activations with the book's float64 parameters: ``gamma * xn + beta`` is
+    float64 (computed here in float64 from the float32 values); ``dbeta = dout.sum()``
+    keeps ``dout``'s dtype, ``dgamma = sum(xn * dout)`` promotes ``x`` and ``dout``."""
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal((30, 4)) * 2 + 1).astype(np.float32)
+    gamma, beta = rng.uniform(1, 2, 4), rng.standard_normal(4)
+    layer = BatchNormalization(gamma, beta)
+    oracle = Formulas()
+    y = layer.forward(x)
+    assert y.dtype == np.float64
+    assert rel(y, oracle.forward(x.astype(np.float64), gamma, beta)) < TOL
+    dout = rng.standard_normal((30, 4)).astype(np.float32)
+    dx = layer.backward(dout)
+    assert dx.dtype == np.float64 and layer.dbeta.dtype == layer.dgamma.dtype == np.float32
+    dx_ref, dgamma_ref, _ = oracle.backward(dout.astype(np.float64), gamma)
+    assert rel(dx, dx_ref) < TOL and rel(layer.dgamma, dgamma_ref) < 1e-6

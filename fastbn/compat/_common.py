@@ -145,9 +145,7 @@ def backward(dout, cache):
     and ``x`` promoted), ``dgamma`` that of ``xhat * dout`` (``x``, ``dout``), ``dbeta``
     that of ``dout``."""
     if dout.dtype.kind != "f":
-        raise TypeError(
-            f"dout must have dtype float16, float32 or float64, got {describe(dout)}"
-        )
+        raise TypeError(f"dout must have dtype float16, float32 or float64, got {describe(dout)}")
     dx, dgamma, dbeta = batch_norm_backward(dout, cache.bn)
     x_dtype = cache.x_dtype
     if dout.dtype == x_dtype and cache.gamma_dtype in (x_dtype, None) and dx.dtype == x_dtype:

@@ -147,10 +147,7 @@ class BatchNormalization:
         """The training cache redone with the current ``gamma`` (the rare case of a gamma
         changed between forward and backward): statistics of the same ``x``, so the same
         bits; the running statistics are not touched."""
-        y, bn = batch_norm(
-            cache.bn.x, gamma, None, training=True, eps=EPS, running_var_ddof=0
-        )
-        del y
+        _, bn = batch_norm(cache.bn.x, gamma, None, training=True, eps=EPS, running_var_ddof=0)
         return _common.Cache(bn, cache.x_dtype, gamma.dtype, cache.shape)
 
     def __repr__(self):
