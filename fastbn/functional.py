@@ -119,7 +119,8 @@ def batch_norm(
         (n - running_var_ddof)``: 1 (default) is the unbiased one (PyTorch), 0 the
         biased one (the textbook layers of "Deep Learning from Scratch" and CS231n).
         With 0, training on a single value per channel is allowed (variance 0:
-        ``y = beta``, ``dx = 0``); with 1 it raises. Normalization always uses the
+        ``y = beta``, ``dx`` 0 up to the rounding of ``dy * gamma * invstd``); with 1
+        it raises. Normalization always uses the
         biased variance.
 
     Returns
