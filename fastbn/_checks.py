@@ -59,18 +59,21 @@ def owned_and_distinct(*arrays):
     return True
 
 
-def check_batch(view, training):
-    """Training needs more than one value per channel (as in PyTorch)."""
-    if not training or view.per_channel > 1:
+def check_batch(view, training, running_var_ddof=1):
+    """Training needs more than ``running_var_ddof`` values per channel: more than one
+    for the unbiased running variance (as in PyTorch), at least one for the biased."""
+    if not training or view.per_channel > running_var_ddof:
         return
     if view.per_channel == 0:
         got = "an empty batch"
     else:
         got = "a single value per channel"
+    need = "more than 1 value" if running_var_ddof else "at least 1 value"
     raise ValueError(
-        f"Expected more than 1 value per channel when training, got {got}: x has shape "
+        f"Expected {need} per channel when training, got {got}: x has shape "
         f"{view.shape} with channel axis {view.axis}. Use training=False (running "
         f"statistics) for such inputs"
+        + ("" if view.per_channel == 0 else ", or running_var_ddof=0 (biased running variance)")
     )
 
 
@@ -155,6 +158,15 @@ def check_momentum(momentum, *, required=True):
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
     return momentum
+
+
+def check_ddof(ddof, name="running_var_ddof"):
+    """0 (biased) or 1 (unbiased): an int, not a bool."""
+    if isinstance(ddof, (bool, np.bool_)) or not isinstance(ddof, (int, np.integer)):
+        raise TypeError(f"{name} must be the int 0 or 1, got {type(ddof).__name__} {ddof!r}")
+    if ddof not in (0, 1):
+        raise ValueError(f"{name} must be 0 (biased) or 1 (unbiased), got {ddof!r}")
+    return int(ddof)
 
 
 def check_training(training):
@@ -259,7 +271,7 @@ def check_x_sample(x_flat, sample_of_x):
 # -- one call per operation: every argument checked, the view prepared ---------------------
 
 
-def _quick_forward(x, gamma, beta, training, running_mean, running_var, momentum, eps, axis):
+def _quick_forward(x, gamma, beta, training, running_mean, running_var, momentum, eps, axis, ddof):
     """The View of the common training call when every check of ``forward_args`` would
     pass (plain contiguous float arrays, float eps and momentum, arrays that own their
     memory), else None."""
@@ -269,7 +281,9 @@ def _quick_forward(x, gamma, beta, training, running_mean, running_var, momentum
         and training is True
         and type(eps) is float
         and 0.0 < eps < math.inf
-        and view.per_channel > 1
+        and type(ddof) is int
+        and 0 <= ddof <= 1
+        and view.per_channel > ddof
         and fast_channel_params(view.C, gamma, beta, running_mean, running_var)
         and (running_mean is None or running_mean.flags.writeable)
         and (running_var is None or running_var.flags.writeable)
@@ -283,28 +297,31 @@ def _quick_forward(x, gamma, beta, training, running_mean, running_var, momentum
     return None
 
 
-def forward_args(x, gamma, beta, training, running_mean, running_var, momentum, eps, axis, out):
+def forward_args(
+    x, gamma, beta, training, running_mean, running_var, momentum, eps, axis, out, ddof
+):
     """Validate every argument of ``batch_norm`` at once -> ``(x, view, gamma, beta,
-    running_mean, running_var, momentum, eps, training, out)``, checked and converted
-    (``x`` native; ``eps``/``momentum`` floats), or raise with a clear message."""
+    running_mean, running_var, momentum, eps, training, out, ddof)``, checked and
+    converted (``x`` native; ``eps``/``momentum`` floats), or raise with a clear message."""
     if out is None:
         view = _quick_forward(
-            x, gamma, beta, training, running_mean, running_var, momentum, eps, axis
+            x, gamma, beta, training, running_mean, running_var, momentum, eps, axis, ddof
         )
         if view is not None:
-            return x, view, gamma, beta, running_mean, running_var, momentum, eps, True, None
+            return x, view, gamma, beta, running_mean, running_var, momentum, eps, True, None, ddof
     x, view = view_of(x, axis)
     C = view.C
     gamma = channel_param(gamma, "gamma", C)
     beta = channel_param(beta, "beta", C)
     eps = check_eps(eps)
+    ddof = check_ddof(ddof)
     training = check_training(training)
     if training:
         running_mean = channel_param(running_mean, "running_mean", C, writable=True)
         running_var = channel_param(running_var, "running_var", C, writable=True)
         updates = running_mean is not None or running_var is not None
         momentum = check_momentum(momentum, required=updates)
-        check_batch(view, training)
+        check_batch(view, training, ddof)
         if running_mean is not None and running_mean is running_var:
             raise ValueError("running_mean and running_var must be different arrays")
         check_disjoint(
@@ -323,7 +340,7 @@ def forward_args(x, gamma, beta, training, running_mean, running_var, momentum, 
         out = check_out(out, view, [(name, a, False) for name, a in named])
     if not training:
         check_running_var(running_var)
-    return x, view, gamma, beta, running_mean, running_var, momentum, eps, training, out
+    return x, view, gamma, beta, running_mean, running_var, momentum, eps, training, out, ddof
 
 
 def backward_args(dy, cache, out, cache_type):

@@ -80,6 +80,7 @@ def batch_norm(
     eps=1e-5,
     axis=1,
     out=None,
+    running_var_ddof=1,
 ):
     """Batch normalization forward.
 
@@ -98,7 +99,9 @@ def batch_norm(
         and ``running_var`` (both required).
     running_mean, running_var : ndarray of shape ``(C,)``, float32/float64, or None
         Updated in place when training: ``running = (1 - momentum) * running +
-        momentum * batch``, with the unbiased batch variance for ``running_var``.
+        momentum * batch``, with the unbiased batch variance for ``running_var``
+        (see ``running_var_ddof``). For the textbooks' ``running = m * running +
+        (1 - m) * batch``, pass ``momentum=1 - m``.
     momentum : float in [0, 1]
         Only used when running statistics are updated; ``None`` (cumulative
         average) needs a batch count and is refused then: use ``BatchNorm``.
@@ -109,6 +112,13 @@ def batch_norm(
     out : ndarray or None
         Receives ``y``; same shape and dtype as ``x``, must not overlap ``x``,
         ``gamma``, ``beta`` or the running statistics.
+    running_var_ddof : int, 0 or 1
+        The batch variance that updates ``running_var`` is ``sum((x - mean)**2) /
+        (n - running_var_ddof)``: 1 (default) is the unbiased one (PyTorch), 0 the
+        biased one (the textbook layers of "Deep Learning from Scratch" and CS231n).
+        With 0, training on a single value per channel is allowed (variance 0:
+        ``y = beta``, ``dx`` 0 up to the rounding of ``dy * gamma * invstd``); with 1
+        it raises. Normalization always uses the biased variance.
 
     Returns
     -------
@@ -129,10 +139,9 @@ def batch_norm(
     training; the other channels are unaffected. Running statistics are updated
     with those NaN (as in PyTorch).
     """
-    x, view, gamma, beta, running_mean, running_var, momentum, eps, training, out = (
-        _checks.forward_args(
-            x, gamma, beta, training, running_mean, running_var, momentum, eps, axis, out
-        )
+    args = (x, gamma, beta, training, running_mean, running_var, momentum, eps, axis, out)
+    x, view, gamma, beta, running_mean, running_var, momentum, eps, training, out, ddof = (
+        _checks.forward_args(*args, running_var_ddof)
     )
     plan = view.plan
     x_flat = view.flat(x)
@@ -143,16 +152,9 @@ def batch_norm(
             plan, x_flat, y_flat, kernel_gamma, kernel_beta, eps, running_mean, running_var
         )
     elif x.size:
+        train = (plan, x_flat, y_flat, kernel_gamma, kernel_beta, eps)
         stats, finite = _launch.forward_train(
-            plan,
-            x_flat,
-            y_flat,
-            kernel_gamma,
-            kernel_beta,
-            eps,
-            running_mean,
-            running_var,
-            momentum,
+            *train, running_mean, running_var, momentum, ddof=ddof
         )
         if not finite:
             _warn_overflow(stats[2])

@@ -9,7 +9,7 @@ with a large offset lose digits here. Use ``fastbn.batch_norm`` for real work.
 The signatures match ``fastbn.batch_norm`` / ``fastbn.batch_norm_backward``:
 
 ``batch_norm(x, gamma, beta, *, training=True, running_mean=None, running_var=None,
-momentum=0.1, eps=1e-5, axis=1, out=None) -> (y, cache)``
+momentum=0.1, eps=1e-5, axis=1, out=None, running_var_ddof=1) -> (y, cache)``
 
 ``batch_norm_backward(dy, cache, *, out=None) -> (dx, dgamma, dbeta)``
 
@@ -43,6 +43,7 @@ def batch_norm(
     eps=1e-5,
     axis=1,
     out=None,
+    running_var_ddof=1,
 ):
     """Naive batch normalization forward. See the module docstring."""
     x = np.asarray(x)
@@ -50,7 +51,7 @@ def batch_norm(
     xr, moved_shape = _to_rows(x, axis)
     m = xr.shape[0]
     if training:
-        if m <= 1:
+        if m <= running_var_ddof:
             raise ValueError("Expected more than 1 value per channel when training")
         mu = xr.mean(axis=0)
         xc = xr - mu
@@ -60,7 +61,7 @@ def batch_norm(
             running_mean += momentum * mu
         if running_var is not None:
             running_var *= 1 - momentum
-            running_var += momentum * var * m / (m - 1)
+            running_var += momentum * var * m / (m - 1) if running_var_ddof else momentum * var
     else:
         mu = running_mean.astype(x.dtype)
         var = running_var.astype(x.dtype)
