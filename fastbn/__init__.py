@@ -5,8 +5,10 @@
 >>> y, cache = fastbn.batch_norm(x, np.ones(16, np.float32), np.zeros(16, np.float32))
 >>> dx, dgamma, dbeta = fastbn.batch_norm_backward(np.ones_like(y), cache)
 
-See ``fastbn.batch_norm``, ``fastbn.batch_norm_backward``, ``fastbn.BatchNorm`` and
-``fastbn.reference`` (the naive NumPy implementation with the same signatures).
+See ``fastbn.batch_norm``, ``fastbn.batch_norm_backward``, ``fastbn.BatchNorm``,
+``fastbn.reference`` (the naive NumPy implementation with the same signatures),
+``fastbn.moments`` / ``fastbn.Moments`` / ``fastbn.grad_sums`` (statistics that merge) and
+``fastbn.distributed.SyncBatchNorm`` (MPI, optional).
 """
 
 from . import _cache_dir  # noqa: F401  # isort: skip  (first: Numba's cache dir, then kernels)
@@ -17,6 +19,7 @@ from ._memory import pool_held, pool_limit, set_pool_limit
 from ._threading import get_num_threads, num_threads, set_num_threads, threading_layer_name
 from .functional import BatchNormCache, batch_norm, batch_norm_backward
 from .layer import BatchNorm
+from .moments import Moments, grad_sums, moments
 
 __version__ = "0.1.0"
 
@@ -25,6 +28,9 @@ __all__ = [
     "batch_norm_backward",
     "BatchNorm",
     "BatchNormCache",
+    "Moments",
+    "moments",
+    "grad_sums",
     "reference",
     "set_num_threads",
     "get_num_threads",

@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 
-from . import _checks, _launch
+from . import _checks, _launch, _stats
 
 __all__ = ["batch_norm", "batch_norm_backward", "BatchNormCache"]
 
@@ -22,7 +22,8 @@ class BatchNormCache:
     ``has_beta``, ``training``, ``axis``, ``shape``. ``xhat`` is never stored:
     backward recomputes it from ``x``. ``probe`` is a strided sample of about 64
     values of ``x`` (bits), which backward compares to detect that ``x`` was
-    modified in between (best effort).
+    modified in between (best effort). ``count`` is None, or the number of values per
+    channel of the ``stats=`` the forward call normalized with (backward's ``n``).
 
     A cache may be used for any number of backward calls; backward never changes it.
     """
@@ -39,6 +40,7 @@ class BatchNormCache:
         "invstd",
         "training",
         "probe",
+        "count",
     )
 
     def __init__(
@@ -50,6 +52,7 @@ class BatchNormCache:
         self.beta_dtype = None if beta is None else beta.dtype
         self.mean, self.invstd, self.training = mean, invstd, training
         self.probe = _checks.probe_of(x_flat)
+        self.count = None
 
     @property
     def axis(self):
@@ -82,6 +85,7 @@ def batch_norm(
     eps=1e-5,
     axis=1,
     out=None,
+    stats=None,
 ):
     """Batch normalization forward.
 
@@ -111,6 +115,13 @@ def batch_norm(
     out : ndarray or None
         Receives ``y``; same shape and dtype as ``x``, must not overlap ``x``,
         ``gamma``, ``beta`` or the running statistics.
+    stats : fastbn.Moments or None
+        Training only: normalize with ``stats.mean`` and ``stats.var(0)`` instead of the
+        batch's statistics, and update the running statistics from them (unbiased with
+        ``stats.count``), e.g. moments merged over processes. ``x`` may then be empty or
+        hold one value per channel; ``stats.count`` must exceed 1. Backward uses
+        ``stats.count`` as the number of values. ``stats=fastbn.moments(x)`` gives the
+        bits of the call without it.
 
     Returns
     -------
@@ -131,7 +142,8 @@ def batch_norm(
     training; the other channels are unaffected. Running statistics are updated
     with those NaN (as in PyTorch).
     """
-    view = _checks.fast_view(x, axis) if out is None and training is True else None
+    fast = out is None and training is True and stats is None
+    view = _checks.fast_view(x, axis) if fast else None
     if (
         view is not None
         and type(eps) is float
@@ -155,12 +167,14 @@ def batch_norm(
         beta = _checks.channel_param(beta, "beta", C)
         eps = _checks.check_eps(eps)
         training = _checks.check_training(training)
+        stats = _stats.check_stats(stats, C, training)
         if training:
             running_mean = _checks.channel_param(running_mean, "running_mean", C, writable=True)
             running_var = _checks.channel_param(running_var, "running_var", C, writable=True)
             updates = running_mean is not None or running_var is not None
             momentum = _checks.check_momentum(momentum, required=updates)
-            _checks.check_batch(view, training)
+            if stats is None:
+                _checks.check_batch(view, training)
             if running_mean is not None and running_var is not None and running_mean is running_var:
                 raise ValueError("running_mean and running_var must be different arrays")
             _checks.check_disjoint(
@@ -191,7 +205,13 @@ def batch_norm(
     gamma64 = None if gamma is None else np.array(gamma, dtype=np.float64)  # a snapshot
     beta64 = None if beta is None else _checks.as_float64(beta)
     y, y_flat = _output(view, out)
-    if training:
+    if stats is not None:
+        mean, var, invstd, finite = _stats.forward_with_stats(
+            plan, x_flat, y_flat, gamma64, beta64, eps, stats, running_mean, running_var, momentum
+        )
+        if not finite:
+            _warn_overflow(var)
+    elif training:
         if x.size:
             mean, var, invstd, finite = _launch.forward_train(
                 plan, x_flat, y_flat, gamma64, beta64, eps, running_mean, running_var, momentum
@@ -218,10 +238,12 @@ def batch_norm(
         training,
         None if gamma is None else gamma.dtype,
     )
+    if stats is not None:
+        cache.count = stats.count
     return y, cache
 
 
-def batch_norm_backward(dy, cache, *, out=None):
+def batch_norm_backward(dy, cache, *, out=None, sums=None):
     """Batch normalization backward.
 
     Parameters
@@ -233,6 +255,13 @@ def batch_norm_backward(dy, cache, *, out=None):
     out : ndarray or None
         Receives ``dx``; shape and dtype of ``x``. May be ``dy`` itself (the update
         is elementwise), must not otherwise overlap ``dy`` or ``x``.
+
+    sums : float64 ndarray of shape ``(2, C)`` or None
+        Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` to use in place of this
+        ``dy``'s (``fastbn.grad_sums``), e.g. summed over processes; ``dgamma`` and
+        ``dbeta`` are then those of ``sums`` (``sums[1] * invstd``, ``sums[0]``). A cache
+        from ``batch_norm(..., stats=)`` uses ``stats.count`` values per channel (without
+        ``sums``: the local sums, the gradient of the loss of this ``dy`` alone).
 
     ``dy`` may have another float dtype than ``x``; it is converted to ``x``'s.
 
@@ -255,6 +284,7 @@ def batch_norm_backward(dy, cache, *, out=None):
             f"got {type(cache).__name__}"
         )
     view, plan = cache.view, cache.plan
+    sums = _stats.check_sums(sums, cache)
     dy = _checks.check_same_shape(dy, "dy", view)
     _checks.check_probe(cache.x_flat, cache.probe)
     if out is not None:
@@ -262,7 +292,9 @@ def batch_norm_backward(dy, cache, *, out=None):
     C = view.C
     dy_flat = view.flat(dy)
     dx, dx_flat = _output(view, out)
-    if dy.size:
+    if cache.training and (sums is not None or cache.count is not None):
+        dgamma_raw, sum_dy = _stats.backward_with_sums(plan, dy_flat, cache, dx_flat, sums)
+    elif dy.size:
         dgamma_raw, sum_dy = _launch.backward(
             plan,
             dy_flat,
@@ -275,6 +307,8 @@ def batch_norm_backward(dy, cache, *, out=None):
         )
     else:
         dgamma_raw, sum_dy = np.zeros(C), np.zeros(C)
+    if sums is not None and not cache.training:  # dx = dy * gamma * invstd needs no sums
+        dgamma_raw, sum_dy = sums[1] * cache.invstd, sums[0]
     dx = _finish(view, dx, out)
     dgamma = None if cache.gamma_dtype is None else dgamma_raw.astype(cache.gamma_dtype)
     dbeta = None if cache.beta_dtype is None else sum_dy.astype(cache.beta_dtype)
