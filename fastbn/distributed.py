@@ -180,6 +180,7 @@ class SyncBatchNorm(BatchNorm):
         if self._collected is not None or not self.training:
             self._synced = False
             return super().forward(x, out=out)
+        self._synced = False
         x_dtype = getattr(x, "dtype", None)
         try:
             self._check_channels(x)

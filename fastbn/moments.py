@@ -85,6 +85,9 @@ class Moments:
     def __setattr__(self, name, value):
         raise AttributeError("Moments are immutable; merge returns new ones")
 
+    def __reduce__(self):  # pickling (e.g. mpi4py's lower-case collectives)
+        return (Moments, (self.count, self.mean, self.m2))
+
     @property
     def C(self):
         """Number of channels."""
@@ -132,7 +135,9 @@ class Moments:
     def var(self, ddof=0):
         """``m2 / (count - ddof)``, float64 ``(C,)``: ``ddof=0`` the biased variance (what
         batch norm normalizes with), ``ddof=1`` the unbiased one. NaN when
-        ``count <= ddof``."""
+        ``count <= ddof``. For the result of ``fastbn.moments``, ``var(0)`` is the variance
+        exactly as ``batch_norm``'s kernels computed it (equal to ``m2 / count`` within an
+        ulp: the kernels may multiply by ``1 / count``)."""
         if isinstance(ddof, (bool, np.bool_)) or ddof not in (0, 1):
             raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
         if self.count <= ddof:

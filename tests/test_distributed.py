@@ -112,11 +112,3 @@ def test_example_data_parallel_losses_match_one_process():
     assert len(a["loss"]) == len(b["loss"]) >= 3
     assert a["loss"][-1] < 0.8 * a["loss"][0]  # it trains
     np.testing.assert_allclose(b["loss"], a["loss"], rtol=0, atol=1e-10)
-
-
-def test_sync_batchnorm_without_mpi4py_is_an_import_error(monkeypatch):
-    import fastbn.distributed as d
-
-    monkeypatch.setitem(sys.modules, "mpi4py", None)
-    with pytest.raises(ImportError, match=r"fastbn\[mpi\]"):
-        d.SyncBatchNorm(4)

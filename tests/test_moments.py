@@ -233,3 +233,22 @@ def test_collect_stats_errors_leave_the_state_unchanged():
         with fastbn.BatchNorm(3, track_running_stats=False).collect_stats():
             pass
     assert (bn.running_mean == 0).all() and (bn.running_var == 1).all()
+
+
+def test_moments_pickle():
+    import pickle
+
+    m = fastbn.moments(np.random.default_rng(12).standard_normal((9, 2)))
+    back = pickle.loads(pickle.dumps(m))
+    assert back.count == 9 and np.array_equal(back.mean, m.mean) and np.array_equal(back.m2, m.m2)
+
+
+def test_fastbn_distributed_imports_without_mpi4py(monkeypatch):
+    """``import fastbn.distributed`` never needs mpi4py; making a layer says what to install."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # as if it were not installed
+    import fastbn.distributed as d
+
+    with pytest.raises(ImportError, match=r"fastbn\[mpi\]"):
+        d.SyncBatchNorm(4)
