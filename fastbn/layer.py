@@ -41,7 +41,8 @@ class BatchNorm:
     Usage: ``y = bn(x)`` (or ``bn.forward(x)``), then ``dx = bn.backward(dy)``,
     which sets ``bn.dgamma``/``bn.dbeta`` (also in ``bn.grads``). ``bn.train()`` and
     ``bn.eval()`` switch mode; ``bn.params`` maps names to the parameter arrays
-    that an optimizer updates in place.
+    that an optimizer updates in place. ``with bn.collect_stats(): ...`` sets the
+    running statistics to the exact statistics of the inputs seen inside.
     """
 
     def __init__(

@@ -252,3 +252,14 @@ def test_fastbn_distributed_imports_without_mpi4py(monkeypatch):
 
     with pytest.raises(ImportError, match=r"fastbn\[mpi\]"):
         d.SyncBatchNorm(4)
+
+
+def test_parts_whose_variance_is_far_below_eps_merge_exactly():
+    """m2 travels as it is (not 1/sqrt(var + eps), from which var would be recovered)."""
+    rng = np.random.default_rng(13)
+    x = 1.0 + 1e-7 * rng.standard_normal((300, 3))  # variance 1e-14, eps 1e-5
+    merged = Moments.merge(fastbn.moments(x[i]) for i in splits(300, 4, rng))
+    assert rel_err(merged.var(1), np.var(x, axis=0, ddof=1)) < 1e-9
+    rv = np.ones(3)
+    fastbn.batch_norm(x[:10], stats=merged, running_mean=np.zeros(3), running_var=rv, momentum=1.0)
+    assert rel_err(rv, np.var(x, axis=0, ddof=1)) < 1e-9
