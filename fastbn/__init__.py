@@ -6,8 +6,10 @@
 >>> dx, dgamma, dbeta = fastbn.batch_norm_backward(np.ones_like(y), cache)
 
 See ``fastbn.batch_norm``, ``fastbn.batch_norm_backward``, ``fastbn.BatchNorm``,
-``fastbn.fold`` (batch norm absorbed into the preceding layer) and ``fastbn.reference``
-(the naive NumPy implementation with the same signatures).
+``fastbn.fold`` (batch norm absorbed into the preceding layer), ``fastbn.reference``
+(the naive NumPy implementation with the same signatures), ``fastbn.moments`` /
+``fastbn.Moments`` / ``fastbn.grad_sums`` (statistics that merge) and
+``fastbn.distributed.SyncBatchNorm`` (MPI, optional).
 """
 
 from . import _cache_dir  # noqa: F401  # isort: skip  (first: Numba's cache dir, then kernels)
@@ -18,6 +20,7 @@ from ._memory import pool_held, pool_limit, set_pool_limit
 from ._threading import get_num_threads, num_threads, set_num_threads, threading_layer_name
 from .functional import BatchNormCache, batch_norm, batch_norm_backward
 from .layer import BatchNorm
+from .moments import Moments, grad_sums, moments
 
 from ._fold import fold  # isort: skip  (imports .layer, hence the kernels: after _threading)
 
@@ -29,6 +32,9 @@ __all__ = [
     "BatchNorm",
     "BatchNormCache",
     "fold",
+    "Moments",
+    "moments",
+    "grad_sums",
     "reference",
     "set_num_threads",
     "get_num_threads",

@@ -297,13 +297,27 @@ def _quick_forward(x, gamma, beta, training, running_mean, running_var, momentum
     return None
 
 
+def check_stats(stats, C, training):
+    """The given statistics of ``batch_norm(..., stats=)`` (a ``Moments``) fit the call."""
+    if not training:
+        raise ValueError("stats= is for training=True (eval mode uses the running statistics)")
+    if stats.C != C:
+        raise ValueError(f"stats has {stats.C} channels, x has {C}")
+    if stats.count <= 1:
+        got = "no values" if stats.count == 0 else "a single value per channel"
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got stats of {got} "
+            f"(stats.count = {stats.count})"
+        )
+
+
 def forward_args(
-    x, gamma, beta, training, running_mean, running_var, momentum, eps, axis, out, ddof
+    x, gamma, beta, training, running_mean, running_var, momentum, eps, axis, out, ddof, stats
 ):
     """Validate every argument of ``batch_norm`` at once -> ``(x, view, gamma, beta,
     running_mean, running_var, momentum, eps, training, out, ddof)``, checked and
     converted (``x`` native; ``eps``/``momentum`` floats), or raise with a clear message."""
-    if out is None:
+    if out is None and stats is None:
         view = _quick_forward(
             x, gamma, beta, training, running_mean, running_var, momentum, eps, axis, ddof
         )
@@ -316,12 +330,15 @@ def forward_args(
     eps = check_eps(eps)
     ddof = check_ddof(ddof)
     training = check_training(training)
+    if stats is not None:
+        check_stats(stats, C, training)
     if training:
         running_mean = channel_param(running_mean, "running_mean", C, writable=True)
         running_var = channel_param(running_var, "running_var", C, writable=True)
         updates = running_mean is not None or running_var is not None
         momentum = check_momentum(momentum, required=updates)
-        check_batch(view, training, ddof)
+        if stats is None:
+            check_batch(view, training, ddof)
         if running_mean is not None and running_mean is running_var:
             raise ValueError("running_mean and running_var must be different arrays")
         check_disjoint(

@@ -65,7 +65,6 @@ def forward_train(plan, x, y, gamma, beta, eps, running_mean, running_var, momen
     n = float(plan.outer * plan.inner)
     if given is not None:
         stats[0], stats[1], n = given[0], given[1], float(given[2])
-        stats[2] = stats[1] / n
     rm, rv = _kernel_running(running_mean), _kernel_running(running_var)
     # an absent running array is replaced by a same-dtype stand-in that is not written,
     # so that the common cases share one compiled signature
@@ -77,7 +76,7 @@ def forward_train(plan, x, y, gamma, beta, eps, running_mean, running_var, momen
     running += (float(kw.get("ddof", 1)), n)
     args = (plan.ints, plan.counts, _ro(x), y, gamma, beta, eps, stats, given is not None)
     args += (_plan.STREAM_BYTES, running)
-    finite, fits = _call(plan, "forward_train", plan.fused and given is None, *args)
+    finite, fits = _call(plan, "forward_train", plan.fused, *args)
     if not fits:
         _affine_float64(plan, y, x, stats[0], stats[3] * gamma, beta)
     for given_array, used in ((running_mean, rm), (running_var, rv)):
@@ -100,18 +99,14 @@ def forward_eval(plan, x, y, gamma, beta, eps, mean, var):
 def moments(plan, x):
     """Per-channel float64 ``(mean, m2)`` of flat ``x`` (the statistics pass alone)."""
     stats = np.empty((2, plan.C))
-    _call(
-        plan, ops.moments_op_serial, ops.moments_op_parallel, plan.ints, plan.counts, _ro(x), stats
-    )
+    _call(plan, "moments", False, plan.ints, plan.counts, _ro(x), stats)
     return stats[0], stats[1]
 
 
 def grad_sums(plan, dy, x, mean):
     """Float64 ``(2, C)``: ``sum(dy)`` and ``sum(dy * (x - mean))`` per channel."""
     sums = np.empty((2, plan.C))
-    _call(
-        plan, ops.grad_sums_serial, ops.grad_sums_parallel, plan.ints, _ro(dy), _ro(x), mean, sums
-    )
+    _call(plan, "grad_sums", False, plan.ints, _ro(dy), _ro(x), mean, sums)
     return sums
 
 

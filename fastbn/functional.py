@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 
-from . import _checks, _launch
+from . import _checks, _launch, _stats
 
 __all__ = ["batch_norm", "batch_norm_backward", "BatchNormCache"]
 
@@ -21,13 +21,14 @@ class BatchNormCache:
     ``has_beta``, ``training``, ``axis``, ``shape``. ``xhat`` is never stored: backward
     recomputes it from ``x``. ``x_sample`` is a strided sample of about 64 values of
     ``x`` (bits), which backward compares to detect that ``x`` was modified in between
-    (best effort).
+    (best effort). ``count`` is None, or the number of values per channel of the
+    ``stats=`` the forward call normalized with (backward's ``n``).
 
     A cache may be used for any number of backward calls; backward never changes it.
     """
 
     __slots__ = ("x", "x_flat", "view", "gamma", "gamma_dtype", "beta_dtype", "stats")
-    __slots__ += ("training", "x_sample")
+    __slots__ += ("training", "x_sample", "count")
 
     def __init__(self, x, x_flat, view, gamma_copy, gamma, beta, stats, training):
         self.x, self.x_flat, self.view = x, x_flat, view
@@ -36,6 +37,7 @@ class BatchNormCache:
         self.beta_dtype = None if beta is None else beta.dtype
         self.stats, self.training = stats, training
         self.x_sample = _checks.x_sample(x_flat)
+        self.count = None
 
     @property
     def mean(self):
@@ -81,6 +83,7 @@ def batch_norm(
     axis=1,
     out=None,
     running_var_ddof=1,
+    stats=None,
 ):
     """Batch normalization forward.
 
@@ -119,6 +122,13 @@ def batch_norm(
         With 0, training on a single value per channel is allowed (variance 0:
         ``y = beta``, ``dx`` 0 up to the rounding of ``dy * gamma * invstd``); with 1
         it raises. Normalization always uses the biased variance.
+    stats : fastbn.Moments or None
+        Training only: normalize with ``stats.mean`` and ``stats.var(0)`` instead of the
+        batch's statistics, and update the running statistics from them (unbiased with
+        ``stats.count``), e.g. moments merged over processes. ``x`` may then be empty or
+        hold one value per channel; ``stats.count`` must exceed 1. Backward uses
+        ``stats.count`` as the number of values. ``stats=fastbn.moments(x)`` gives the
+        bits of the call without it.
 
     Returns
     -------
@@ -139,15 +149,25 @@ def batch_norm(
     training; the other channels are unaffected. Running statistics are updated
     with those NaN (as in PyTorch).
     """
+    if stats is not None:
+        _stats.check_stats_type(stats)
     args = (x, gamma, beta, training, running_mean, running_var, momentum, eps, axis, out)
     x, view, gamma, beta, running_mean, running_var, momentum, eps, training, out, ddof = (
-        _checks.forward_args(*args, running_var_ddof)
+        _checks.forward_args(*args, running_var_ddof, stats)
     )
     plan = view.plan
     x_flat = view.flat(x)
     kernel_gamma, kernel_beta = _launch.params(plan, gamma, beta)
     y, y_flat = _output(view, out)
-    if not training:
+    given = stats
+    if given is not None:
+        train = (plan, x_flat, y_flat, kernel_gamma, kernel_beta, eps)
+        stats, finite = _stats.forward_with_stats(
+            *train, given, running_mean, running_var, momentum
+        )
+        if not finite:
+            _warn_overflow(stats[2])
+    elif not training:
         stats = _launch.forward_eval(
             plan, x_flat, y_flat, kernel_gamma, kernel_beta, eps, running_mean, running_var
         )
@@ -162,10 +182,13 @@ def batch_norm(
         stats = np.full((4, view.C), np.nan)
     y = _finish(view, y, out)
     gamma_copy = None if gamma is None else np.array(kernel_gamma)  # a snapshot for backward
-    return y, BatchNormCache(x, x_flat, view, gamma_copy, gamma, beta, stats, training)
+    cache = BatchNormCache(x, x_flat, view, gamma_copy, gamma, beta, stats, training)
+    if given is not None:
+        cache.count = given.count
+    return y, cache
 
 
-def batch_norm_backward(dy, cache, *, out=None):
+def batch_norm_backward(dy, cache, *, out=None, sums=None):
     """Batch normalization backward.
 
     Parameters
@@ -177,6 +200,12 @@ def batch_norm_backward(dy, cache, *, out=None):
     out : ndarray or None
         Receives ``dx``; shape and dtype of ``x``. May be ``dy`` itself (the update
         is elementwise), must not otherwise overlap ``dy`` or ``x``.
+    sums : float64 ndarray of shape ``(2, C)`` or None
+        Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` to use in place of this
+        ``dy``'s (``fastbn.grad_sums``), e.g. summed over processes; ``dgamma`` and
+        ``dbeta`` are then those of ``sums`` (``sums[1] * invstd``, ``sums[0]``). A cache
+        from ``batch_norm(..., stats=)`` uses ``stats.count`` values per channel (without
+        ``sums``: the local sums, the gradient of the loss of this ``dy`` alone).
 
     ``dy`` may have another float dtype than ``x``; it is converted to ``x``'s.
 
@@ -194,10 +223,14 @@ def batch_norm_backward(dy, cache, *, out=None):
     (a sample of its values is compared; see ``BatchNormCache``).
     """
     dy, out = _checks.backward_args(dy, cache, out, BatchNormCache)
+    if sums is not None:
+        sums = _stats.check_sums(sums, cache)
     view = cache.view
     dy_flat = view.flat(dy)
     dx, dx_flat = _output(view, out)
-    if dy.size:
+    if cache.training and (sums is not None or cache.count is not None):
+        dgamma_raw, sum_dy = _stats.backward_with_sums(view.plan, dy_flat, cache, dx_flat, sums)
+    elif dy.size:
         dgamma_raw, sum_dy, _ = _launch.backward(
             view.plan,
             dy_flat,
@@ -210,6 +243,8 @@ def batch_norm_backward(dy, cache, *, out=None):
         )
     else:
         dgamma_raw, sum_dy = np.zeros(view.C), np.zeros(view.C)
+    if sums is not None and not cache.training:  # dx = dy * gamma * invstd needs no sums
+        dgamma_raw, sum_dy = sums[1] * cache.invstd, sums[0]
     dx = _finish(view, dx, out)
     dgamma = None if cache.gamma_dtype is None else dgamma_raw.astype(cache.gamma_dtype)
     dbeta = None if cache.beta_dtype is None else sum_dy.astype(cache.beta_dtype)

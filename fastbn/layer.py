@@ -4,12 +4,14 @@ Mirrors ``torch.nn.BatchNorm1d/2d/3d`` (one class: the channel axis is a
 parameter), with explicit ``forward``/``backward`` in place of autograd.
 """
 
+import contextlib
 import operator
 
 import numpy as np
 
 from . import _checks
 from .functional import batch_norm, batch_norm_backward
+from .moments import Moments, moments
 
 __all__ = ["BatchNorm"]
 
@@ -39,7 +41,8 @@ class BatchNorm:
     Usage: ``y = bn(x)`` (or ``bn.forward(x)``), then ``dx = bn.backward(dy)``,
     which sets ``bn.dgamma``/``bn.dbeta`` (also in ``bn.grads``). ``bn.train()`` and
     ``bn.eval()`` switch mode; ``bn.params`` maps names to the parameter arrays
-    that an optimizer updates in place.
+    that an optimizer updates in place. ``with bn.collect_stats(): ...`` sets the
+    running statistics to the exact statistics of the inputs seen inside.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class BatchNorm:
             self.running_var = None
         self.num_batches_tracked = 0
         self._cache = None
+        self._collected = None  # the moments seen inside collect_stats()
 
     # -- mode -------------------------------------------------------------------
     def train(self, mode=True):
@@ -100,6 +104,8 @@ class BatchNorm:
     def forward(self, x, *, out=None):
         """Normalize ``x`` (shape ``(N, C, ...)`` or channels-last per ``axis``) -> ``y``."""
         self._check_channels(x)
+        if self._collected is not None:
+            return self._collect_forward(x, out)
         use_batch_stats = self.training or not self.track_running_stats
         momentum = self.momentum
         update = self.training and self.track_running_stats
@@ -124,6 +130,62 @@ class BatchNorm:
         return y
 
     __call__ = forward
+
+    # -- exact statistics of many batches ----------------------------------------
+    @contextlib.contextmanager
+    def collect_stats(self):
+        """Recalibrate the running statistics on the inputs of the forward calls inside.
+
+        Inside the ``with`` block, ``forward`` normalizes with each batch's statistics
+        (as in training, whatever the mode) and records the batch's moments, without
+        touching the running statistics or ``num_batches_tracked``; ``backward`` works
+        as after a training forward. On a normal exit, ``running_mean`` and
+        ``running_var`` become the exact mean and unbiased variance of every value seen
+        (Chan's merge of the batches' moments, not an average of batch variances), in
+        place. An exception inside the block leaves them unchanged. Needs
+        ``track_running_stats=True`` and, on exit, more than one value per channel seen.
+        """
+        if not self.track_running_stats:
+            raise ValueError("collect_stats needs a layer with track_running_stats=True")
+        if self._collected is not None:
+            raise RuntimeError("collect_stats is already active on this layer")
+        self._collected = parts = []
+        ok = False
+        try:
+            yield self
+            ok = True
+        finally:
+            self._collected = None
+            total = self._total_moments(parts, ok)
+        if total.count < 2:
+            raise ValueError(
+                f"collect_stats saw {total.count} value(s) per channel; the unbiased "
+                f"variance needs at least 2 (the running statistics are unchanged)"
+            )
+        self.running_mean[...] = total.mean
+        self.running_var[...] = total.var(ddof=1)
+
+    def _collect_forward(self, x, out):
+        m = moments(x, self.axis)
+        y, cache = batch_norm(
+            x,
+            self.gamma,
+            self.beta,
+            training=True,
+            eps=self.eps,
+            axis=self.axis,
+            out=out,
+            stats=m if m.count > 1 else None,
+        )
+        self._cache = cache
+        self._collected.append(m)
+        return y
+
+    def _total_moments(self, parts, ok):
+        """The merged moments of ``parts`` (None when ``ok`` is False: the block raised)."""
+        if not ok:
+            return None
+        return Moments.merge(parts) if parts else Moments.empty(self.num_features)
 
     def _check_channels(self, x):
         """A message in the layer's terms when x has the wrong number of channels."""

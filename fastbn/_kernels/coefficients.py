@@ -13,14 +13,14 @@ flagged (``W_CLAMPED``): the caller then redoes the pass in float64 (``fastbn._l
 
 import numpy as np
 
-from .jit import _copy, inline, jit
+from .jit import _copy, exact, jit
 from .layout import W_CLAMPED, W_DY_MEAN, W_DY_SCALE, W_MEAN, W_OFFSET, W_SCALE, WORK_ROWS
 from .stream import LINE, fmuladd
 
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
-@inline
+@exact
 def _narrow(work, i, c, value):
     """``work[i, c] = value`` in ``work``'s dtype. True when a finite value does not fit
     (float32 beyond 3.4e38); it is then clamped to the largest float32."""
@@ -31,7 +31,7 @@ def _narrow(work, i, c, value):
     return False
 
 
-@inline
+@exact
 def _offset(m, m_w, p, q, g, d_w):
     """``q + (m_w - m) * p + d_w * g`` in float64, a term skipped when its first factor is
     0 (so an inf ``p`` or ``g`` makes no NaN). Fused multiply-adds, which no fastmath
@@ -42,9 +42,11 @@ def _offset(m, m_w, p, q, g, d_w):
     return fmuladd(d_w, g, offset) if d_w != 0.0 else offset
 
 
-def _working_channel(m, p, q, g, d, c, work):
-    """Channel ``c``'s coefficients from float64 ``m, p, q, g`` (arrays) and ``d`` (a
-    number) into column ``c`` of ``work``, clamping and flagging what does not fit."""
+def _working_channel(m, p, q, g, dsum, n, center, c, work):
+    """Channel ``c``'s coefficients from float64 ``m, p, q, g`` (arrays) and ``d = dsum *
+    (1 / n)`` when ``center`` (else 0) into column ``c`` of ``work``, clamping and
+    flagging what does not fit."""
+    d = dsum * (1.0 / n) if center else 0.0
     clamped = _narrow(work, W_MEAN, c, m[c])
     clamped |= _narrow(work, W_SCALE, c, p[c])
     clamped |= _narrow(work, W_DY_SCALE, c, g[c])
@@ -54,9 +56,8 @@ def _working_channel(m, p, q, g, d, c, work):
     work[W_CLAMPED, c] = 1.0 if clamped else 0.0
 
 
-# inlined where it runs per channel (fused planes); called in the rare clamping pass
-working_channel = inline(_working_channel)
-_clamp_channel = jit(_copy(_working_channel, "clamp_channel", {}))
+working_channel = exact(_working_channel)
+_clamp_channel = exact(_copy(_working_channel, "clamp_channel", {}))  # the rare clamping pass
 
 
 @jit
@@ -73,7 +74,7 @@ def any_clamped(work, C):
     return False
 
 
-@jit
+@exact
 def working(out, m, p, q, g, dsum, n, center):
     """``working_channel`` for every channel, in ``out``'s dtype, with ``d = dsum * (1 / n)``
     when ``center`` (``dx``: ``dsum`` is ``sum(dy)``), else 0. The columns past ``C``
@@ -107,7 +108,7 @@ def working(out, m, p, q, g, dsum, n, center):
         )
     if unfit:
         for c in range(C):
-            _clamp_channel(m, p, q, g, dsum[c] * inv_n if center else 0.0, c, work)
+            _clamp_channel(m, p, q, g, dsum[c], n, center, c, work)
     for c in range(C, C + LINE if C else C):
         for i in range(W_CLAMPED):
             work[i, c] = work[i, c % C]

@@ -9,28 +9,44 @@ channel, so both paths give the same bits.
 """
 
 import numba
-import numpy as np
 
 from .affine import affine_task
 from .coefficients import working_channel
 from .gradsums import gradsums_task
-from .jit import drivers, jit
+from .jit import drivers, exact, jit
 from .layout import NTASKS, W_DY_MEAN, W_DY_SCALE, W_MEAN, W_OFFSET, W_SCALE
-from .moments import merge_channel, moments_task
+from .moments import merge_channel, moments_task, normalizer
 
 
 @jit
 def _forward_task(
-    plan, t, x, y, gamma, beta, eps, counts, s1, s2, shift, stats, scale, work, stream
+    plan,
+    t,
+    x,
+    y,
+    gamma,
+    beta,
+    eps,
+    counts,
+    s1,
+    s2,
+    shift,
+    stats,
+    have_stats,
+    n,
+    scale,
+    work,
+    stream,
 ):
-    """Channel ``t``: statistics into ``stats[:, t]`` (mean, m2, var, invstd), then ``y``."""
-    moments_task(plan, t, x, s1, s2, shift)
+    """Channel ``t``: statistics into ``stats[:, t]`` (mean, m2, var, invstd; with
+    ``have_stats`` mean and m2 of ``n`` values are given), then ``y``."""
     mean, m2, var, invstd = stats[0], stats[1], stats[2], stats[3]
-    mean[t], m2[t] = merge_channel(s1, s2, shift, counts, t)
-    var[t] = m2[t] / counts.sum()
-    invstd[t] = 1.0 / np.sqrt(var[t] + eps)
-    scale[t] = invstd[t] * gamma[t]
-    working_channel(mean, scale, beta, scale, 0.0, t, work)
+    if not have_stats:
+        moments_task(plan, t, x, s1, s2, shift)
+        mean[t], m2[t] = merge_channel(s1, s2, shift, counts, t)
+    var[t] = m2[t] / n
+    normalizer(var, gamma, eps, invstd, scale, t)
+    working_channel(mean, scale, beta, scale, 0.0, 1.0, False, t, work)
     w = (work[W_MEAN], work[W_SCALE], work[W_OFFSET], work[W_DY_SCALE], work[W_DY_MEAN])
     affine_task(plan, t, x, x, y, w[0], w[1], w[2], w[3], w[4], False, stream)
 
@@ -43,7 +59,7 @@ def _forward(plan, *args):
 forward_serial, forward_parallel = drivers(_forward)
 
 
-@jit
+@exact
 def grad_params(c, sum_dy, sum_dy_xc, invstd, gamma, n, training, grads, coef):
     """Channel ``c``'s ``dgamma``, ``dbeta`` (``grads[0:2, c]``) and the coefficients
     ``g, p, q`` (``coef[0:3, c]``) of ``dx = dy * g + (x - mean) * p + q``."""
@@ -72,10 +88,10 @@ def _backward_task(
     g, p, q = coef[0], coef[1], coef[2]
     w = (work[W_MEAN], work[W_SCALE], work[W_OFFSET], work[W_DY_SCALE], work[W_DY_MEAN])
     if training:
-        working_channel(mean, p, q, g, grads[1, t] * (1.0 / n), t, work)
+        working_channel(mean, p, q, g, grads[1, t], n, True, t, work)
         affine_task(plan, t, x, dy, dx, w[0], w[1], w[2], w[3], w[4], True, stream)
     else:
-        working_channel(q, g, q, g, 0.0, t, work)
+        working_channel(q, g, q, g, 0.0, 1.0, False, t, work)
         affine_task(plan, t, dy, dy, dx, w[0], w[1], w[2], w[3], w[4], False, stream)
 
 

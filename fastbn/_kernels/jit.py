@@ -11,11 +11,22 @@ import types
 
 import numba
 
-# Never nnan/ninf: NaN and inf must propagate through every channel they touch.
-FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+# Never nnan/ninf: NaN and inf must propagate through every channel they touch. Not arcp
+# or afn either: with them LLVM turns divisions by one divisor into multiplications by
+# its reciprocal (and may approximate sqrt) where a vectorized loop repeats them but not
+# in scalar code, so the same formula gave other bits on another path (fused planes
+# against two-pass; a kernel compiled now against one loaded from the cache). Divisions
+# and square roots are per channel, never per element: they cost nothing measurable.
+FASTMATH = {"nsz", "contract", "reassoc"}
 _OPTIONS = dict(fastmath=FASTMATH, cache=True, nogil=True, error_model="numpy")
 
 jit = numba.njit(**_OPTIONS)
+# per-channel arithmetic (statistics, coefficients, running statistics): IEEE operations
+# as written, so that a formula gives the same bits wherever it is inlined and however a
+# loop around it is vectorized (fastmath flags are kept per instruction when LLVM
+# inlines; reassociation would otherwise regroup products of three factors differently
+# in a vectorized loop than in scalar code)
+exact = numba.njit(cache=True, nogil=True, error_model="numpy")
 # small per-channel helpers, inlined into their callers' Numba IR: no call, no reference
 # counting of the array arguments per channel
 inline = numba.njit(**_OPTIONS, inline="always")

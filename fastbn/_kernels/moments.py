@@ -10,7 +10,7 @@ of squared deviations).
 import numba
 import numpy as np
 
-from .jit import drivers, jit
+from .jit import drivers, exact, jit
 from .layout import CHANNELS, INNER, NTASKS
 from .partition import four_row_sweeps, task
 
@@ -106,7 +106,7 @@ def _moments(plan, *args):
 moments_serial, moments_parallel = drivers(_moments)
 
 
-@jit
+@exact
 def merge_channel(s1, s2, shift, counts, c):
     """Chan's merge of channel ``c``'s per-block shifted sums, in block order ->
     ``(mean, m2)``. Block ``b`` holds ``counts[b]`` values with ``s1 = sum(x - shift)``
@@ -133,7 +133,7 @@ def merge_channel(s1, s2, shift, counts, c):
     return mu, (m2 if m2 > 0.0 or m2 != m2 else 0.0)
 
 
-@jit
+@exact
 def merge_moments(s1, s2, shift, counts, mean, m2):
     """Chan's merge of every channel's per-block shifted sums, in block order (the formula
     of ``merge_channel``), with the blocks outermost so that the loop over channels
@@ -158,3 +158,10 @@ def merge_moments(s1, s2, shift, counts, mean, m2):
     for c in range(C):
         # m2 may round to a tiny negative for a (nearly) constant channel; keep NaN.
         m2[c] = m2[c] if m2[c] > 0.0 or m2[c] != m2[c] else 0.0
+
+
+@exact
+def normalizer(var, gamma, eps, invstd, scale, c):
+    """Channel ``c``'s ``invstd = 1 / sqrt(var + eps)`` and ``scale = invstd * gamma``."""
+    invstd[c] = 1.0 / np.sqrt(var[c] + eps)
+    scale[c] = invstd[c] * gamma[c]

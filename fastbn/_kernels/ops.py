@@ -20,9 +20,9 @@ from . import fused
 from .affine import affine_parallel, affine_serial
 from .coefficients import any_clamped, new_work, working
 from .gradsums import gradsums_parallel, gradsums_serial, merge_sums
-from .jit import jit, operations
+from .jit import exact, operations
 from .layout import CHANNELS, NBLOCKS, W_DY_MEAN, W_DY_SCALE, W_MEAN, W_OFFSET, W_SCALE
-from .moments import merge_moments, moments_parallel, moments_serial
+from .moments import merge_moments, moments_parallel, moments_serial, normalizer
 
 _PASSES = dict(
     moments_pass=(moments_serial, moments_parallel),
@@ -71,7 +71,7 @@ def _moments(plan, counts, x, stats):
 moments_op = _register(_moments)
 
 
-@jit
+@exact
 def _blend(running, batch, momentum):
     """``(1 - momentum) * running + momentum * batch``. Reassociated (fastmath, also
     after inlining) as ``running + momentum * (batch - running)`` it would turn an inf
@@ -81,7 +81,7 @@ def _blend(running, batch, momentum):
     return running + momentum * batch  # inf stays inf unless batch brings a NaN / -inf
 
 
-@jit
+@exact
 def update_running(running, batch, scale, momentum):
     """``running = (1 - momentum) * running + momentum * batch * scale`` per channel; a
     term whose factor is 0 is skipped, so ``momentum=1`` replaces an inf running value
@@ -96,7 +96,7 @@ def update_running(running, batch, scale, momentum):
             running[c] = _blend(running[c], value, momentum)
 
 
-@jit
+@exact
 def _running(stats, n, ddof, running_mean, running_var, momentum, update_mean, update_var):
     """The running statistics' update from ``stats`` of ``n`` values per channel: the
     batch variance with ``ddof`` (1: unbiased, 0: biased) goes into ``running_var``."""
@@ -106,7 +106,7 @@ def _running(stats, n, ddof, running_mean, running_var, momentum, update_mean, u
         update_running(running_var, stats[2], n / (n - ddof), momentum)
 
 
-@jit
+@exact
 def _check_variance(stats):
     """False when some variance is not finite; a NaN variance (a NaN or inf in the
     channel) makes that channel's mean NaN too."""
@@ -127,8 +127,7 @@ def _forward_eval(plan, x, y, gamma, beta, eps, stats, stream_bytes):
     C = mean.shape[0]
     scale = np.empty(C)
     for c in range(C):
-        invstd[c] = 1.0 / np.sqrt(var[c] + eps)
-        scale[c] = invstd[c] * gamma[c]
+        normalizer(var, gamma, eps, invstd, scale, c)
     return not affine_op(plan, x, x, y, mean, scale, beta, scale, mean, 1.0, False, stream_bytes)
 
 
@@ -137,22 +136,39 @@ forward_eval_op = _register(_forward_eval)
 
 def _forward_train(plan, counts, x, y, gamma, beta, eps, stats, have_stats, stream_bytes, running):
     """Normalize with the batch statistics (``have_stats``: with those already in ``stats``:
-    mean, m2, var) into ``y``, and update the running statistics.
+    mean, m2 of ``n`` values) into ``y``, and update the running statistics.
 
     ``running`` is ``(running_mean, running_var, momentum, update_mean, update_var, ddof,
     n)``. Returns ``(finite, fits)``: False when some variance is not finite; False when
     ``y`` must be redone in float64 (see ``coefficients``)."""
-    if FUSED:  # statistics and y, channel by channel (have_stats is False)
+    if FUSED:  # statistics and y, channel by channel
         stream = y.size * y.itemsize >= stream_bytes
         scale = np.empty(plan[CHANNELS])
         work = new_work(y, plan[CHANNELS])
         shape = (plan[NBLOCKS], plan[CHANNELS])
         s1, s2, shift = np.empty(shape), np.empty(shape), np.empty(shape)
-        args = (x, y, gamma, beta, eps, counts, s1, s2, shift, stats, scale, work, stream)
-        fused_forward_pass(plan, *args)
-    elif not have_stats:
-        moments_op(plan, counts, x, stats)
-        n = counts.sum()
+        fused_forward_pass(
+            plan,
+            x,
+            y,
+            gamma,
+            beta,
+            eps,
+            counts,
+            s1,
+            s2,
+            shift,
+            stats,
+            have_stats,
+            running[6],
+            scale,
+            work,
+            stream,
+        )
+    else:
+        if not have_stats:
+            moments_op(plan, counts, x, stats)
+        n = running[6]
         for c in range(stats.shape[1]):
             stats[2, c] = stats[1, c] / n
     finite = _check_variance(stats)
