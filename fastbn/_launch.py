@@ -6,26 +6,17 @@ import numpy as np
 
 from . import _plan
 from ._kernels import ops
-from ._threading import parallel_call
+from ._threading import parallel_call, parallel_usable
 
 # stand-ins for absent running statistics, by the dtype char of x
 _STAND_IN = {"f": np.zeros(1, np.float32), "d": np.zeros(1, np.float64)}
 
 
-def _ro(a):
-    """A read-only view: inputs always reach the kernels typed read-only, so a caller's
-    read-only array does not trigger another compilation."""
-    v = a.view()
-    v.flags.writeable = False
-    return v
-
-
 def _call(plan, name, fused, *args):
     """Run operation ``name`` in the target the plan needs (``ops.TARGETS``)."""
-    target = ops.TARGETS[name][plan.parallel, fused]
-    if plan.parallel:
-        return parallel_call(target, *args)
-    return target(*args)
+    if plan.parallel and parallel_usable():
+        return parallel_call(ops.TARGETS[name][True, fused], *args)
+    return ops.TARGETS[name][False, fused](*args)
 
 
 def _param(p, default):
@@ -42,6 +33,14 @@ def _param(p, default):
 def params(plan, gamma, beta):
     """``gamma`` and ``beta`` as the kernels read them (ones and zeros when None)."""
     return _param(gamma, plan.ones), _param(beta, plan.zeros)
+
+
+_NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _kernel_ready(a):
+    """A running array the kernels update as it is: a native float32/float64 one."""
+    return a is not None and a.dtype in _NATIVE
 
 
 def _kernel_running(a):
@@ -62,26 +61,30 @@ def forward_train(plan, x, y, gamma, beta, eps, running_mean, running_var, momen
     """
     stats = np.empty((4, plan.C))
     given = kw.get("stats")
-    n = float(plan.outer * plan.inner)
-    if given is not None:
-        stats[0], stats[1], n = given[0], given[1], float(given[2])
-    rm, rv = _kernel_running(running_mean), _kernel_running(running_var)
+    if given is None:
+        n, have_stats = plan.count, False
+    else:
+        stats[0], stats[1], n, have_stats = given[0], given[1], float(given[2]), True
+    rm = running_mean if _kernel_ready(running_mean) else _kernel_running(running_mean)
+    rv = running_var if _kernel_ready(running_var) else _kernel_running(running_var)
     # an absent running array is replaced by a same-dtype stand-in that is not written,
     # so that the common cases share one compiled signature
     stand_in = rv if rm is None else rm
     if stand_in is None:
         stand_in = _STAND_IN[x.dtype.char]
-    running = (stand_in if rm is None else rm, stand_in if rv is None else rv)
-    running += (0.0 if momentum is None else float(momentum), rm is not None, rv is not None)
-    running += (float(kw.get("ddof", 1)), n)
-    args = (plan.ints, plan.counts, _ro(x), y, gamma, beta, eps, stats, given is not None)
+    momentum = 0.0 if momentum is None else float(momentum)
+    ddof = float(kw.get("ddof", 1))
+    running = (stand_in if rm is None else rm, stand_in if rv is None else rv, momentum)
+    running += (rm is not None, rv is not None, ddof, n)
+    args = (plan.ints, plan.counts, x, y, gamma, beta, eps, stats, have_stats)
     args += (_plan.STREAM_BYTES, running)
     finite, fits = _call(plan, "forward_train", plan.fused, *args)
     if not fits:
         _affine_float64(plan, y, x, stats[0], stats[3] * gamma, beta)
-    for given_array, used in ((running_mean, rm), (running_var, rv)):
-        if used is not given_array:
-            given_array[...] = used
+    if rm is not running_mean:
+        running_mean[...] = rm
+    if rv is not running_var:
+        running_var[...] = rv
     return stats, finite
 
 
@@ -90,7 +93,7 @@ def forward_eval(plan, x, y, gamma, beta, eps, mean, var):
     ``(4, C)`` statistics array (mean, unused m2, var, invstd)."""
     stats = np.empty((4, plan.C))
     stats[0], stats[2] = mean, var
-    args = (plan.ints, _ro(x), y, gamma, beta, eps, stats, _plan.STREAM_BYTES)
+    args = (plan.ints, x, y, gamma, beta, eps, stats, _plan.STREAM_BYTES)
     if not _call(plan, "forward_eval", False, *args):
         _affine_float64(plan, y, x, stats[0], stats[3] * gamma, beta)
     return stats
@@ -99,14 +102,14 @@ def forward_eval(plan, x, y, gamma, beta, eps, mean, var):
 def moments(plan, x):
     """Per-channel float64 ``(mean, m2)`` of flat ``x`` (the statistics pass alone)."""
     stats = np.empty((2, plan.C))
-    _call(plan, "moments", False, plan.ints, plan.counts, _ro(x), stats)
+    _call(plan, "moments", False, plan.ints, plan.counts, x, stats)
     return stats[0], stats[1]
 
 
 def grad_sums(plan, dy, x, mean):
     """Float64 ``(2, C)``: ``sum(dy)`` and ``sum(dy * (x - mean))`` per channel."""
     sums = np.empty((2, plan.C))
-    _call(plan, "grad_sums", False, plan.ints, _ro(dy), _ro(x), mean, sums)
+    _call(plan, "grad_sums", False, plan.ints, dy, x, mean, sums)
     return sums
 
 
@@ -120,7 +123,7 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training, n=None, sums=None):
     sums = np.array(sums, np.float64) if have_sums else np.empty((2, C))
     n = float(plan.outer * plan.inner) if n is None else float(n)
     gamma = _param(gamma, plan.ones)
-    args = (plan.ints, _ro(dy), _ro(x), dx, mean, invstd, gamma, n, bool(training), grads, sums)
+    args = (plan.ints, dy, x, dx, mean, invstd, gamma, n, bool(training), grads, sums)
     args += (have_sums, _plan.STREAM_BYTES)
     if not _call(plan, "backward", plan.fused and not have_sums, *args):
         g = gamma * invstd

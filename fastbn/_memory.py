@@ -21,7 +21,7 @@ import threading
 
 import numpy as np
 
-_MIN_BYTES = 1 << 20
+MIN_BYTES = _MIN_BYTES = 1 << 20
 _DEFAULT_LIMIT = 1 << 30
 
 

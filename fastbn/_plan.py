@@ -59,7 +59,8 @@ class Plan:
     whole rows. ``counts[b]``: values per channel in block ``b`` (float64).
     """
 
-    __slots__ = ("outer", "C", "inner", "ints", "counts", "parallel", "fused", "ones", "zeros")
+    __slots__ = ("outer", "C", "inner", "ints", "counts", "count", "parallel", "fused")
+    __slots__ += ("ones", "zeros")
 
     def __init__(self, outer, C, inner, itemsize):
         self.outer, self.C, self.inner = outer, C, inner
@@ -89,6 +90,7 @@ class Plan:
         counts = np.full(nblocks, float(block_len * inner))
         counts[-1] = float((outer - (nblocks - 1) * block_len) * inner)
         self.counts = counts
+        self.count = float(outer * inner)  # values per channel
         storage = np.float32 if itemsize == 4 else np.float64
         self.ones = np.ones(C, storage)  # gamma when there is none
         self.zeros = np.zeros(C, storage)  # beta when there is none

@@ -9,6 +9,19 @@ A ``NUMBA_THREADING_LAYER`` set by the user is respected, and so is a layer that
 Numba had already started before fastbn was imported; any layer that is not
 known to be thread-safe (``workqueue``, ``forksafe``) is serialized the same way.
 
+GNU OpenMP's idle threads spin for a while before they sleep (``GOMP_SPINCOUNT``,
+300000 spins by default). Spinning threads take the cores from whatever runs next:
+NumPy's BLAS between fastbn's calls, another process; and a thread that spins at a
+barrier while its partner is descheduled wastes its time slice. So unless the user set
+``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``, fastbn sets ``GOMP_SPINCOUNT`` to
+``SPIN_COUNT`` while libgomp loads (and restores the environment after): threads still
+spin briefly between the passes of one call, then sleep.
+
+A process started with ``fork`` after its parent ran parallel kernels cannot use GNU
+OpenMP (its runtime terminates the child), so such a child runs fastbn's serial kernels:
+the same bits, on one thread. With one thread set, the serial kernels run too (no
+parallel region to enter).
+
 The thread count is Numba's, which is per calling Python thread:
 ``set_num_threads``/``num_threads`` in one thread do not change another's.
 Results never depend on the thread count: work is partitioned by data size.
@@ -57,7 +70,25 @@ def _choose_layer():
     return "workqueue"
 
 
-_LAYER = _choose_layer()
+# Spins of an idle GNU OpenMP thread before it sleeps (see the module docstring and README).
+SPIN_COUNT = 10000
+
+
+def _quiet_omp_environment():
+    """Environment changes to apply while libgomp loads: ``GOMP_SPINCOUNT`` unless the
+    user chose a wait policy or spin count."""
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return {}
+    return {"GOMP_SPINCOUNT": str(SPIN_COUNT)}
+
+
+_set = _quiet_omp_environment()
+os.environ.update(_set)
+try:
+    _LAYER = _choose_layer()  # loads libgomp (numba's omppool), which reads the environment
+finally:
+    for _name in _set:
+        os.environ.pop(_name, None)
 if _running_layer() is None:
     numba.config.THREADING_LAYER = _LAYER
 _SERIALIZE = _LAYER not in _THREAD_SAFE
@@ -76,6 +107,7 @@ def serialized():
 
 
 _started = []
+_forked = []  # non-empty in a child forked after the thread pool started
 
 
 def _start():
@@ -85,6 +117,16 @@ def _start():
         if not _started:
             numba.get_num_threads()
             _started.append(True)
+            if hasattr(os, "register_at_fork"):
+                os.register_at_fork(after_in_child=lambda: _forked.append(True))
+
+
+def parallel_usable():
+    """Whether a parallel kernel may run here and now: not in a forked child of a process
+    whose GNU OpenMP pool started (it would be terminated), and more than one thread."""
+    if _forked and _LAYER == "omp":
+        return False
+    return numba.get_num_threads() > 1
 
 
 def parallel_call(fn, *args):

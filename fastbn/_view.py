@@ -74,7 +74,7 @@ class View:
     """
 
     __slots__ = ("shape", "axis", "outer", "C", "inner", "channels_last", "dtype", "compute")
-    __slots__ += ("plan",)
+    __slots__ += ("plan", "small")
 
     def __init__(self, shape, axis, channels_last, dtype):
         self.shape, self.axis, self.channels_last = shape, axis, channels_last
@@ -87,6 +87,8 @@ class View:
         else:
             self.outer, self.inner = math.prod(shape[:axis]), math.prod(shape[axis + 1 :])
         self.plan = _plan.plan_for(self.outer, self.C, self.inner, self.compute.itemsize)
+        # outputs too small for recycled memory (``fastbn._memory``)
+        self.small = math.prod(shape) * self.compute.itemsize < _memory.MIN_BYTES
 
     @property
     def per_channel(self):
@@ -109,6 +111,9 @@ class View:
 
     def empty(self):
         """A new output: ``(user_array, flat_buffer)`` with x's memory layout."""
+        if self.small and not self.channels_last:
+            a = np.empty(self.shape, self.compute)
+            return a, a.reshape(-1)
         if self.channels_last:
             moved = _memory.empty(self._moved_shape(), self.compute)
             return np.moveaxis(moved, -1, self.axis), moved.reshape(-1)

@@ -90,7 +90,7 @@ def test_float32_coefficients_beyond_float32_range(shape, training):
         np.testing.assert_array_less(err, 1e-5 * scale)
 
 
-@pytest.mark.parametrize("shape", [(4096, 64), (16, 64, 20, 20), (64, 16, 8)])
+@pytest.mark.parametrize("shape", [(4096, 64), (1024, 1024), (16, 64, 20, 20), (64, 16, 8)])
 @pytest.mark.parametrize("dy_offset", [1e2, 1e4])
 def test_float32_dx_with_offset_gradients(shape, dy_offset):
     """dy = offset + noise: dx = dy * g + (x - mean) * p + q cancels the offset between

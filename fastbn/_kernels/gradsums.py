@@ -18,17 +18,17 @@ def _gradsums_rows(dy, x, C, r0, r1, c0, c1, mean, s1, s2):
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)
     r = r0
-    four = four_row_sweeps(C, x.itemsize, False)
+    four = four_row_sweeps(C, x.itemsize, False, _U(x.size))
     while four and r + _U(4) <= r1:
         i0 = r * C + c0
         i1 = i0 + C
         i2 = i1 + C
         i3 = i2 + C
-        for j in range(w):
-            g0 = dy[i0 + j]
-            g1 = dy[i1 + j]
-            g2 = dy[i2 + j]
-            g3 = dy[i3 + j]
+        for j in range(w):  # float64 before the pairs are added (float32 dy loses digits)
+            g0 = np.float64(dy[i0 + j])
+            g1 = np.float64(dy[i1 + j])
+            g2 = np.float64(dy[i2 + j])
+            g3 = np.float64(dy[i3 + j])
             acc1[j] += (g0 + g1) + (g2 + g3)
             acc2[j] += (g0 * (x[i0 + j] - m[j]) + g1 * (x[i1 + j] - m[j])) + (
                 g2 * (x[i2 + j] - m[j]) + g3 * (x[i3 + j] - m[j])
@@ -37,7 +37,7 @@ def _gradsums_rows(dy, x, C, r0, r1, c0, c1, mean, s1, s2):
     while r < r1:
         i0 = r * C + c0
         for j in range(w):
-            g0 = dy[i0 + j]
+            g0 = np.float64(dy[i0 + j])
             acc1[j] += g0
             acc2[j] += g0 * (x[i0 + j] - m[j])
         r += _U(1)

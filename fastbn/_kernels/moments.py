@@ -27,7 +27,7 @@ def _moments_rows(x, C, r0, r1, c0, c1, s1, s2, shift):
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)
     r = r0
-    four = four_row_sweeps(C, x.itemsize, True)
+    four = four_row_sweeps(C, x.itemsize, True, _U(x.size))
     while four and r + _U(4) <= r1:
         i0 = r * C + c0
         i1 = i0 + C

@@ -28,15 +28,23 @@ def task(plan, t):
     return b, lo, hi, c0, c1
 
 
-@jit
-def four_row_sweeps(C, itemsize, small_rows):
-    """Whether the per-column reductions of the rows family sweep four rows at a time
-    (accumulators loaded and stored once per four rows) or one.
+# Inputs up to this many bytes are read from cache, where no prefetcher is involved
+CACHED_BYTES = 1 << 20
 
-    Four rows read at once are four streams within a page when a row is between 512 B
-    and 4 KiB, which the hardware prefetcher follows badly (README, performance notes);
-    rows of a page or more and, for ``small_rows``, rows of at most 256 B do better four
-    at a time.
+
+@jit
+def four_row_sweeps(C, itemsize, small_rows, size):
+    """Whether the per-column reductions of the rows family sweep four rows at a time
+    (accumulators loaded and stored once per four rows) or one, for ``size`` elements
+    of ``itemsize`` bytes in rows of ``C``.
+
+    One row at a time is store-bound (two accumulator stores per element): in cache, four
+    rows are always faster. From memory, four rows read at once are four streams within a
+    page when a row is between 512 B and 4 KiB, which the hardware prefetcher follows
+    badly (README, performance notes); rows of a page or more and, for ``small_rows``,
+    rows of at most 256 B still do better four at a time.
     """
     row_bytes = C * _U(itemsize)
+    if size * _U(itemsize) <= _U(CACHED_BYTES):
+        return True
     return row_bytes >= _U(4096) or (small_rows and row_bytes <= _U(256))
