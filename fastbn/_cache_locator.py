@@ -4,8 +4,8 @@ compiled kernels (CI: the README's test venv, tox's ``py311`` env and the ``whee
 Numba files a cached function under ``NUMBA_CACHE_DIR/<dir>_<sha1 of the source file's
 absolute directory>``, so two envs that install fastbn into different site-packages never
 see each other's entries, even with one ``NUMBA_CACHE_DIR``. This locator, used only when
-named in ``NUMBA_CACHE_LOCATOR_CLASSES`` (read by Numba 0.68 and later; older versions
-ignore the variable) and only for fastbn's own files with ``NUMBA_CACHE_DIR`` set, files
+named in ``NUMBA_CACHE_LOCATOR_CLASSES`` (Numba 0.63, fastbn's floor, reads it too) and
+only for fastbn's own files with ``NUMBA_CACHE_DIR`` set, files
 them instead under::
 
     NUMBA_CACHE_DIR/fastbn-<tree>-py<XY>-numba<version>-numpy<version>/<subpackage>
