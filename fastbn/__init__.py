@@ -14,6 +14,7 @@ See ``fastbn.batch_norm``, ``fastbn.batch_norm_backward``, ``fastbn.BatchNorm``,
 
 from . import _cache_dir  # noqa: F401  # isort: skip  (first: Numba's cache dir, then kernels)
 from . import reference
+from ._compile_notice import set_compile_notice
 
 # _threading first among the kernels' users: it picks the threading layer before any kernel.
 from ._memory import pool_held, pool_limit, set_pool_limit
@@ -23,6 +24,7 @@ from .layer import BatchNorm
 from .moments import Moments, grad_sums, moments
 
 from ._fold import fold  # isort: skip  (imports .layer, hence the kernels: after _threading)
+from ._warmup import warmup  # isort: skip
 
 __version__ = "0.1.0"
 
@@ -43,5 +45,7 @@ __all__ = [
     "set_pool_limit",
     "pool_limit",
     "pool_held",
+    "warmup",
+    "set_compile_notice",
     "__version__",
 ]

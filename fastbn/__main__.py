@@ -1,4 +1,5 @@
-"""Command line: ``python -m fastbn bench ...`` and ``python -m fastbn demo ...``."""
+"""Command line: ``python -m fastbn bench ...``, ``python -m fastbn demo ...`` and
+``python -m fastbn warmup ...``."""
 
 import argparse
 import sys
@@ -16,7 +17,13 @@ def main(argv=None):
         "demo",
         help="train an MLP on the digits data with and without batch norm and plot what it shows",
     )
-    from . import benchmark
+    warm = sub.add_parser(
+        "warmup",
+        help="compile and cache every kernel a training loop uses (images, CI, shared machines)",
+    )
+    from . import _warmup, benchmark
+
+    _warmup.add_arguments(warm)
 
     benchmark.add_arguments(bench)
     try:
@@ -28,6 +35,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "bench":
         return benchmark.run(args)
+    if args.command == "warmup":
+        return _warmup.run(args)
     if demo_module is None:
         parser.error("the demo needs fastbn.examples")
     return demo_module.run(args)

@@ -8,13 +8,29 @@ A training loop asks for the same shapes every step, so fastbn keeps the memory 
 large output it allocated once the caller has dropped the array (and every view of
 it), and hands that memory out again for the next output of the same size.
 
-The pool holds at most ``pool_limit()`` bytes (``FASTBN_POOL_BYTES`` in the
-environment at import, else 1 GiB); ``set_pool_limit(0)`` empties and disables it.
+What is kept follows the loop (policy):
+
+- A dropped buffer is kept only while its size is still being asked for: its size was
+  requested among the last ``_WINDOW`` (64) large requests. Buffers of sizes that left
+  that window are released at the next large request or drop.
+- The pool holds at most as many bytes as were live at once (outputs fastbn allocated
+  and the caller still held) at the busiest of those requests, the loop's own
+  footprint. To keep a newer buffer within that bound, buffers of the sizes requested
+  least recently go first; a buffer whose size is not more recent than theirs is not
+  kept.
+- And never more than ``pool_limit()`` bytes (``FASTBN_POOL_BYTES`` in the environment at
+  import, else 1 GiB); ``set_pool_limit(0)`` empties and disables it (and forgets the
+  request history).
+
+So a steady loop of one shape gets its memory back every step (its outputs' bytes are
+exactly what was live at once), and a loop whose sizes keep changing (40 batches of
+distinct sizes) keeps about one step's outputs instead of every size it ever saw.
 Outputs smaller than 1 MiB come from ``np.empty`` as usual. A recycled output's
 ``base`` is the object that returns its memory here; it owns no data of its own
 (``flags.owndata`` is False), like any view.
 """
 
+import collections
 import math
 import os
 import threading
@@ -23,6 +39,8 @@ import numpy as np
 
 MIN_BYTES = _MIN_BYTES = 1 << 20
 _DEFAULT_LIMIT = 1 << 30
+# Large requests remembered: a size asked for among the last _WINDOW is still in use.
+_WINDOW = 64
 
 
 def _limit_from_environment():
@@ -35,7 +53,11 @@ def _limit_from_environment():
 
 _lock = threading.RLock()  # reentrant: a lease may be collected while the lock is held
 _free = {}  # nbytes -> list of uint8 buffers
-_state = {"limit": _limit_from_environment(), "held": 0}
+# live: bytes of leased outputs alive now; requests: large requests so far; fresh: those
+# that got new memory (not recycled)
+_state = {"limit": _limit_from_environment(), "held": 0, "live": 0, "requests": 0, "fresh": 0}
+_last_asked = {}  # nbytes -> number of the last request of that size
+_live_at = collections.deque(maxlen=_WINDOW)  # live bytes after each of the last requests
 
 
 class Lease:
@@ -62,19 +84,71 @@ class Lease:
             pass
 
 
+def _in_window(nbytes):
+    return _last_asked.get(nbytes, -_WINDOW) > _state["requests"] - _WINDOW
+
+
+def _release(size, count=None):
+    """Drop ``count`` (default: all) pooled buffers of ``size`` bytes."""
+    buffers = _free.get(size, [])
+    n = len(buffers) if count is None else min(count, len(buffers))
+    del buffers[len(buffers) - n :]
+    _state["held"] -= n * size
+    if not buffers:
+        _free.pop(size, None)
+
+
+def _release_stale():
+    """Release the buffers of sizes no longer requested (outside the window)."""
+    for size in [s for s in _free if not _in_window(s)]:
+        _release(size)
+
+
+def _make_room(nbytes, budget):
+    """Release buffers of sizes requested less recently than ``nbytes`` (least recent
+    first) until ``nbytes`` more fit in ``budget``; False if they cannot."""
+    mine = _last_asked.get(nbytes, -1)
+    older = sorted((_last_asked.get(s, -1), s) for s in _free if s != nbytes)
+    for asked, size in older:
+        if _state["held"] + nbytes <= budget or asked >= mine:
+            break
+        while _free.get(size) and _state["held"] + nbytes > budget:
+            _release(size, 1)
+    return _state["held"] + nbytes <= budget
+
+
 def _give_back(buffer):
+    nbytes = buffer.nbytes
     with _lock:
-        if _state["held"] + buffer.nbytes <= _state["limit"]:
-            _free.setdefault(buffer.nbytes, []).append(buffer)
-            _state["held"] += buffer.nbytes
+        _state["live"] -= nbytes
+        _release_stale()
+        if not _in_window(nbytes):
+            return
+        budget = min(_state["limit"], max(_live_at, default=0))
+        if _make_room(nbytes, budget):
+            _free.setdefault(nbytes, []).append(buffer)
+            _state["held"] += nbytes
 
 
 def _take(nbytes):
+    """A pooled buffer of ``nbytes`` or None; counts the request (and its live bytes)."""
     with _lock:
+        _state["requests"] += 1
+        _last_asked[nbytes] = _state["requests"]
+        _state["live"] += nbytes
+        _live_at.append(_state["live"])
         buffers = _free.get(nbytes)
         if buffers:
             _state["held"] -= nbytes
-            return buffers.pop()
+            buffer = buffers.pop()
+            if not buffers:
+                del _free[nbytes]
+            return buffer
+        _state["fresh"] += 1
+        _release_stale()
+        if len(_last_asked) > 4 * _WINDOW:  # forget sizes long out of the window
+            for size in [s for s in _last_asked if not _in_window(s)]:
+                del _last_asked[size]
     return None
 
 
@@ -115,9 +189,8 @@ def set_pool_limit(nbytes):
     with _lock:
         _state["limit"] = int(nbytes)
         for size in sorted(_free, reverse=True):
-            buffers = _free[size]
-            while buffers and _state["held"] > _state["limit"]:
-                buffers.pop()
-                _state["held"] -= size
-            if not buffers:
-                del _free[size]
+            while _free.get(size) and _state["held"] > _state["limit"]:
+                _release(size, 1)
+        if nbytes == 0:  # off: forget the request history too
+            _last_asked.clear()
+            _live_at.clear()
