@@ -63,10 +63,14 @@ def _describe(dispatcher, argtypes):
     """``(operation, dtype, target)`` of a compile: ``forward_train_parallel`` over a float32
     array gives ``("forward_train", "float32", "parallel")``."""
     name = dispatcher.py_func.__name__
+    fused = name.endswith("_fused")
+    name = name[: -len("_fused")] if fused else name
     operation, target = name, ""
     for suffix in ("_serial", "_parallel"):
         if name.endswith(suffix):
             operation, target = name[: -len(suffix)], suffix[1:]
+    if fused:
+        target += ", fused planes"
     dtypes = set()
     stack = list(argtypes)
     while stack:

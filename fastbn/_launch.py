@@ -4,7 +4,7 @@ float32's range in float64."""
 
 import numpy as np
 
-from . import _plan
+from . import _choice, _plan
 from ._kernels import ops
 from ._threading import parallel_call, parallel_usable
 
@@ -13,10 +13,15 @@ _STAND_IN = {"f": np.zeros(1, np.float32), "d": np.zeros(1, np.float64)}
 
 
 def _call(plan, name, fused, *args):
-    """Run operation ``name`` in the target the plan needs (``ops.TARGETS``)."""
-    if plan.parallel and parallel_usable():
-        return parallel_call(ops.TARGETS[name][True, fused], *args)
-    return ops.TARGETS[name][False, fused](*args)
+    """Run operation ``name`` in the target the plan needs (``ops.TARGETS``): serial for
+    small inputs, else serial or parallel as ``fastbn._choice`` finds faster."""
+    targets = ops.TARGETS[name]
+    if not (plan.parallel and parallel_usable()):
+        return targets[False, fused](*args)
+    choice = plan.choices.get((name, fused))
+    if choice is None:
+        choice = plan.choices[name, fused] = _choice.Choice()
+    return _choice.run(choice, targets[False, fused], targets[True, fused], parallel_call, args)
 
 
 def _param(p, default):

@@ -60,7 +60,7 @@ class Plan:
     """
 
     __slots__ = ("outer", "C", "inner", "ints", "counts", "count", "parallel", "fused")
-    __slots__ += ("ones", "zeros")
+    __slots__ += ("ones", "zeros", "choices")
 
     def __init__(self, outer, C, inner, itemsize):
         self.outer, self.C, self.inner = outer, C, inner
@@ -91,6 +91,7 @@ class Plan:
         counts[-1] = float((outer - (nblocks - 1) * block_len) * inner)
         self.counts = counts
         self.count = float(outer * inner)  # values per channel
+        self.choices = {}  # serial or parallel, per operation (fastbn._choice)
         storage = np.float32 if itemsize == 4 else np.float64
         self.ones = np.ones(C, storage)  # gamma when there is none
         self.zeros = np.zeros(C, storage)  # beta when there is none

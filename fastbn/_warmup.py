@@ -149,7 +149,7 @@ def _say(text):
 def _cache_location():
     from ._kernels import ops
 
-    cache = getattr(ops.forward_train_serial, "_cache", None)
+    cache = getattr(ops.TARGETS["forward_train"][False, False], "_cache", None)
     return getattr(cache, "cache_path", None) or "unknown location"
 
 

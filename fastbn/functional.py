@@ -246,9 +246,28 @@ def batch_norm_backward(dy, cache, *, out=None, sums=None):
     if sums is not None and not cache.training:  # dx = dy * gamma * invstd needs no sums
         dgamma_raw, sum_dy = sums[1] * cache.invstd, sums[0]
     dx = _finish(view, dx, out)
-    dgamma = None if cache.gamma_dtype is None else dgamma_raw.astype(cache.gamma_dtype)
-    dbeta = None if cache.beta_dtype is None else sum_dy.astype(cache.beta_dtype)
+    # views of kernel-owned float64 rows when the dtype is float64 (no copy), else converted
+    dgamma = None if cache.gamma_dtype is None else dgamma_raw.astype(cache.gamma_dtype, copy=False)
+    dbeta = None if cache.beta_dtype is None else sum_dy.astype(cache.beta_dtype, copy=False)
     return dx, dgamma, dbeta
+
+
+def train_again(view, x, gamma, beta, running_mean, running_var, momentum, eps):
+    """``batch_norm(x, gamma, beta, training=True, running_mean=..., running_var=...,
+    momentum=momentum, eps=eps, axis=view.axis)`` for a caller that has checked that
+    every argument is what an earlier successful call of that form validated: ``x`` a
+    plain C-contiguous array of ``view``'s shape and dtype owning its memory, the same
+    parameter and running arrays (native, contiguous, writable, ``view``'s dtype), float
+    ``eps`` and ``momentum``. Skips the checks; the layer's path for repeated calls."""
+    x_flat = x.reshape(-1)
+    y, y_flat = view.empty()
+    stats, finite = _launch.forward_train(
+        view.plan, x_flat, y_flat, gamma, beta, eps, running_mean, running_var, momentum
+    )
+    if not finite:
+        _warn_overflow(stats[2])
+    gamma_copy = None if gamma is None else np.array(gamma)  # a snapshot for backward
+    return y, BatchNormCache(x, x_flat, view, gamma_copy, gamma, beta, stats, True)
 
 
 def _output(view, out):

@@ -117,8 +117,8 @@ def test_notice_silenced(notice, capsys, monkeypatch):
 
 def test_listener_is_installed_and_fastbn_sees_real_dispatchers():
     assert _compile_notice.INSTALLED
-    assert _compile_notice._is_fastbn(ops.backward_parallel)
-    key = _compile_notice._describe(ops.backward_parallel, (types.int64, F32, F64))
+    assert _compile_notice._is_fastbn(ops.TARGETS["backward"][True, False])
+    key = _compile_notice._describe(ops.TARGETS["backward"][True, False], (types.int64, F32, F64))
     assert key == ("backward", "float32", "parallel")
 
 

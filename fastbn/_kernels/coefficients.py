@@ -99,13 +99,14 @@ def working(out, m, p, q, g, dsum, n, center):
         offset = _offset(m[c], m_w[c], p[c], q[c], g[c], d_w[c])
         q_w[c] = offset
         flag[c] = 0.0
-        unfit += (
-            (np.isinf(m_w[c]) and np.isfinite(m[c]))
-            + (np.isinf(p_w[c]) and np.isfinite(p[c]))
-            + (np.isinf(g_w[c]) and np.isfinite(g[c]))
-            + (np.isinf(d_w[c]) and np.isfinite(d))
-            + (np.isinf(q_w[c]) and np.isfinite(offset))
-        )
+        if out.itemsize == 4:  # a float64 value always fits float64 storage
+            unfit += (
+                (np.isinf(m_w[c]) & np.isfinite(m[c]))
+                | (np.isinf(p_w[c]) & np.isfinite(p[c]))
+                | (np.isinf(g_w[c]) & np.isfinite(g[c]))
+                | (np.isinf(d_w[c]) & np.isfinite(d))
+                | (np.isinf(q_w[c]) & np.isfinite(offset))
+            )
     if unfit:
         for c in range(C):
             _clamp_channel(m, p, q, g, dsum[c], n, center, c, work)

@@ -1,0 +1,73 @@
+"""Serial or parallel: for inputs big enough to split, the faster of the two, by timing.
+
+The parallel kernels are faster on an idle machine, but a parallel region needs every
+thread on a core at once: with NumPy's BLAS threads spinning between fastbn's calls, or
+other processes on the cores, a thread that waits for its partner can make a call many
+times slower than the serial kernel (README, threads). Both give the same bits (the work
+partition is fixed by the shape), so fastbn times every call of a shape that could run
+in parallel and keeps running whichever mode has been faster lately, trying the other
+mode now and then (after ``PROBE_EVERY`` calls, less often while it keeps losing) so
+that it follows the machine as its load changes.
+"""
+
+import time
+
+PROBE_EVERY = 16  # calls between two tries of the mode not in use
+_MAX_INTERVAL = 64
+_KEPT = 3  # times kept per mode; the estimate is their minimum (noise only adds time)
+
+_clock = time.perf_counter_ns
+
+
+class Choice:
+    """Timing state of one operation on one plan: the last ``_KEPT`` times (ns) of each
+    mode (the first call of each, which may compile, is not kept), and the countdown to
+    the next try of the mode not in use."""
+
+    __slots__ = ("times", "seen", "countdown", "interval")
+
+    def __init__(self):
+        self.times = ([], [])  # serial, parallel
+        self.seen = [0, 0]
+        self.countdown = PROBE_EVERY
+        self.interval = PROBE_EVERY
+
+    def _best(self):
+        serial, parallel = self.times
+        return 1 if min(parallel) <= min(serial) else 0
+
+    def mode(self):
+        """1 (parallel) or 0 (serial) for the next call."""
+        if len(self.times[1]) < 2:
+            return 1
+        if len(self.times[0]) < 2:
+            return 0
+        best = self._best()
+        self.countdown -= 1
+        if self.countdown > 0:
+            return best
+        return 1 - best  # a try of the other mode
+
+    def record(self, mode, nanoseconds):
+        self.seen[mode] += 1
+        if self.seen[mode] == 1:
+            return  # the first call may have compiled
+        times = self.times[mode]
+        if len(times) == _KEPT:
+            times[self.seen[mode] % _KEPT] = nanoseconds
+        else:
+            times.append(nanoseconds)
+        if self.countdown <= 0:  # that was a try: back off while it loses
+            lost = len(self.times[1 - mode]) >= 2 and self._best() != mode
+            self.interval = min(2 * self.interval, _MAX_INTERVAL) if lost else PROBE_EVERY
+            self.countdown = self.interval
+
+
+def run(choice, serial, parallel, parallel_call, args):
+    """Call ``serial(*args)`` or ``parallel_call(parallel, *args)`` as ``choice`` says,
+    timing it."""
+    mode = choice.mode()
+    start = _clock()
+    result = parallel_call(parallel, *args) if mode else serial(*args)
+    choice.record(mode, _clock() - start)
+    return result
