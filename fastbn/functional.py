@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 
-from . import _checks, _launch
+from . import _activation, _checks, _launch
 
 __all__ = ["batch_norm", "batch_norm_backward", "BatchNormCache"]
 
@@ -18,24 +18,29 @@ class BatchNormCache:
 
     Attributes: ``x`` (the forward input, by reference), ``mean``, ``invstd`` (float64,
     shape ``(C,)``, the statistics used to normalize), ``gamma`` (a copy, or None),
-    ``has_beta``, ``training``, ``axis``, ``shape``. ``xhat`` is never stored: backward
-    recomputes it from ``x``. ``x_sample`` is a strided sample of about 64 values of
-    ``x`` (bits), which backward compares to detect that ``x`` was modified in between
-    (best effort).
+    ``has_beta``, ``training``, ``axis``, ``shape``, ``activation`` (None or ``"relu"``;
+    with ``"relu"``, ``beta`` is a copy too, for backward's mask). ``xhat`` is never
+    stored: backward recomputes it from ``x``. ``x_sample`` is a strided sample of about
+    64 values of ``x`` (bits), which backward compares to detect that ``x`` was modified
+    in between (best effort).
 
     A cache may be used for any number of backward calls; backward never changes it.
     """
 
     __slots__ = ("x", "x_flat", "view", "gamma", "gamma_dtype", "beta_dtype", "stats")
-    __slots__ += ("training", "x_sample")
+    __slots__ += ("training", "x_sample", "activation", "beta")
 
-    def __init__(self, x, x_flat, view, gamma_copy, gamma, beta, stats, training):
+    def __init__(
+        self, x, x_flat, view, gamma_copy, gamma, beta, stats, training, activation=None,
+        beta_copy=None,
+    ):  # fmt: skip
         self.x, self.x_flat, self.view = x, x_flat, view
         self.gamma = gamma_copy
         self.gamma_dtype = None if gamma is None else gamma.dtype
         self.beta_dtype = None if beta is None else beta.dtype
         self.stats, self.training = stats, training
         self.x_sample = _checks.x_sample(x_flat)
+        self.activation, self.beta = activation, beta_copy
 
     @property
     def mean(self):
@@ -64,7 +69,9 @@ class BatchNormCache:
     def __repr__(self):
         return (
             f"BatchNormCache(shape={self.shape}, axis={self.axis}, dtype={self.view.dtype}, "
-            f"training={self.training})"
+            f"training={self.training}"
+            + ("" if self.activation is None else f", activation={self.activation!r}")
+            + ")"
         )
 
 
@@ -80,8 +87,9 @@ def batch_norm(
     eps=1e-5,
     axis=1,
     out=None,
+    activation=None,
 ):
-    """Batch normalization forward.
+    """Batch normalization forward (optionally fused with a ReLU).
 
     Parameters
     ----------
@@ -109,6 +117,10 @@ def batch_norm(
     out : ndarray or None
         Receives ``y``; same shape and dtype as ``x``, must not overlap ``x``,
         ``gamma``, ``beta`` or the running statistics.
+    activation : None or "relu"
+        ``"relu"``: ``y = np.maximum(batch_norm(x), 0)`` computed in the same pass (a NaN
+        stays NaN); the backward of this cache then masks ``dy`` where the
+        pre-activation was not positive, ``dy * (y > 0)``, inside its passes.
 
     Returns
     -------
@@ -129,6 +141,8 @@ def batch_norm(
     training; the other channels are unaffected. Running statistics are updated
     with those NaN (as in PyTorch).
     """
+    activation = _activation.check_activation(activation)
+    relu = activation is not None
     x, view, gamma, beta, running_mean, running_var, momentum, eps, training, out = (
         _checks.forward_args(
             x, gamma, beta, training, running_mean, running_var, momentum, eps, axis, out
@@ -140,7 +154,7 @@ def batch_norm(
     y, y_flat = _output(view, out)
     if not training:
         stats = _launch.forward_eval(
-            plan, x_flat, y_flat, kernel_gamma, kernel_beta, eps, running_mean, running_var
+            plan, x_flat, y_flat, kernel_gamma, kernel_beta, eps, running_mean, running_var, relu
         )
     elif x.size:
         stats, finite = _launch.forward_train(
@@ -153,6 +167,7 @@ def batch_norm(
             running_mean,
             running_var,
             momentum,
+            relu=relu,
         )
         if not finite:
             _warn_overflow(stats[2])
@@ -160,7 +175,11 @@ def batch_norm(
         stats = np.full((4, view.C), np.nan)
     y = _finish(view, y, out)
     gamma_copy = None if gamma is None else np.array(kernel_gamma)  # a snapshot for backward
-    return y, BatchNormCache(x, x_flat, view, gamma_copy, gamma, beta, stats, training)
+    beta_copy = (None if beta is None else np.array(kernel_beta)) if relu else None
+    cache = BatchNormCache(
+        x, x_flat, view, gamma_copy, gamma, beta, stats, training, activation, beta_copy
+    )
+    return y, cache
 
 
 def batch_norm_backward(dy, cache, *, out=None):
@@ -186,7 +205,8 @@ def batch_norm_backward(dy, cache, *, out=None):
 
     In training mode the batch statistics depend on ``x``, which gives the full
     batch-norm gradient; in eval mode they are constants and ``dx = dy * gamma *
-    invstd``.
+    invstd``. A cache of ``activation="relu"`` gives the gradients of the ReLU-fused
+    forward: those of batch norm for ``dy * (y > 0)``.
 
     Raises ``ValueError`` when ``x`` was visibly modified since the forward call
     (a sample of its values is compared; see ``BatchNormCache``).
@@ -195,6 +215,9 @@ def batch_norm_backward(dy, cache, *, out=None):
     view = cache.view
     dy_flat = view.flat(dy)
     dx, dx_flat = _output(view, out)
+    fwork = None
+    if cache.activation is not None and dy.size:
+        dy_flat, fwork = _activation.backward_inputs(cache, dy_flat)
     if dy.size:
         dgamma_raw, sum_dy, _ = _launch.backward(
             view.plan,
@@ -205,6 +228,7 @@ def batch_norm_backward(dy, cache, *, out=None):
             cache.invstd,
             cache.gamma,
             cache.training,
+            fwork=fwork,
         )
     else:
         dgamma_raw, sum_dy = np.zeros(view.C), np.zeros(view.C)

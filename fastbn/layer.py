@@ -8,7 +8,7 @@ import operator
 
 import numpy as np
 
-from . import _checks
+from . import _activation, _checks
 from .functional import batch_norm, batch_norm_backward
 
 __all__ = ["BatchNorm"]
@@ -35,6 +35,10 @@ class BatchNorm:
         Channel axis of the inputs (1 for ``(N, C, ...)``, -1 for channels-last).
     dtype : float32 or float64
         dtype of the parameters and running statistics.
+    activation : None or "relu"
+        ``"relu"``: the layer is batch norm followed by a ReLU, fused in its passes
+        (``fastbn.batch_norm(..., activation="relu")``); ``backward`` takes the gradient
+        of the ReLU's output.
 
     Usage: ``y = bn(x)`` (or ``bn.forward(x)``), then ``dx = bn.backward(dy)``,
     which sets ``bn.dgamma``/``bn.dbeta`` (also in ``bn.grads``). ``bn.train()`` and
@@ -52,6 +56,7 @@ class BatchNorm:
         track_running_stats=True,
         axis=1,
         dtype=np.float32,
+        activation=None,
     ):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
@@ -64,6 +69,7 @@ class BatchNorm:
         momentum = _checks.check_momentum(momentum, required=False)
         if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+        self.activation = _activation.check_activation(activation)
         self.num_features = int(num_features)
         self.eps = eps
         self.momentum = momentum
@@ -116,6 +122,7 @@ class BatchNorm:
             eps=self.eps,
             axis=self.axis,
             out=out,
+            activation=self.activation,
         )
         # Only a call that succeeded changes the state.
         self._cache = cache
@@ -204,5 +211,7 @@ class BatchNorm:
         return (
             f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-            f"axis={self.axis}, dtype={self.dtype.name})"
+            f"axis={self.axis}, dtype={self.dtype.name}"
+            + ("" if self.activation is None else f", activation={self.activation!r}")
+            + ")"
         )
