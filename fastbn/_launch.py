@@ -133,7 +133,8 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training, n=None, sums=None, 
     if not _call(plan, ops.backward_serial, ops.backward_parallel, *args):
         if relu:  # redo as the composition, whose float64 path follows
             dy = _activation.masked_dy(plan, dy, x, fwork)
-            return backward(plan, dy, x, dx, mean, invstd, gamma, training, n, sums)
+            given = sums if have_sums else None
+            return backward(plan, dy, x, dx, mean, invstd, gamma, training, n, given)
         g = gamma * invstd
         if training:  # the coefficients of fused.grad_params
             p, q = -g * invstd * (grads[0] / n), -g * (grads[1] / n)

@@ -273,6 +273,34 @@ def test_coefficients_beyond_float32(shape, training):
     assert np.abs(y[:, 0]).max() > 1e35 and np.isfinite(y).all()
 
 
+@pytest.mark.parametrize("shape", [(512, 6), (64, 6, 40)], ids=["rows", "planes"])
+def test_backward_coefficients_beyond_float32(shape):
+    """Forward coefficients that fit float32 but a backward one that does not (channel 0:
+    variance 1e-10, gamma 1e32, so gamma * invstd = 1e37 but gamma * invstd**2 * dgamma / n
+    is beyond 3.4e38): backward redoes ``dx`` as the composition, in float64."""
+    rng = np.random.default_rng(12)
+    C = shape[1]
+    x = rng.standard_normal(shape)
+    x[:, 0] *= 1e-5
+    x = x.astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    gamma = np.ones(C, np.float32)
+    gamma[0] = 1e32
+    beta = rng.standard_normal(C).astype(np.float32)
+    eps = 1e-12
+    y_bn, cache = fastbn.batch_norm(x, gamma, beta, eps=eps)
+    want = fastbn.batch_norm_backward(dy * (y_bn > 0), cache)
+    invstd = cache.invstd[0]
+    p = gamma[0] * invstd**2 * abs(want[1][0]) / (x.size / C)  # dx = ... + (x - mean) * p
+    assert gamma[0] * invstd < 3e38 < p  # the case is real
+    y, cache = fastbn.batch_norm(x, gamma, beta, eps=eps, activation="relu")
+    got = fastbn.batch_norm_backward(dy, cache)
+    assert y.tobytes() == np.maximum(y_bn, 0).tobytes()
+    assert np.isfinite(got[0]).all()
+    for g, w in zip(got, want):
+        assert ulps(g, w) <= 2
+
+
 # -- layer, gradients, errors -----------------------------------------------------------------
 
 
