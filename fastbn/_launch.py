@@ -4,12 +4,14 @@ float32's range in float64."""
 
 import numpy as np
 
-from . import _choice, _plan
-from ._kernels import ops
+from . import _activation, _choice, _plan
+from ._kernels import layout, ops
 from ._threading import parallel_call, parallel_usable
 
 # stand-ins for absent running statistics, by the dtype char of x
 _STAND_IN = {"f": np.zeros(1, np.float32), "d": np.zeros(1, np.float64)}
+# stand-ins for the forward coefficients that only a ReLU-fused backward reads
+_NO_FWORK = {c: np.zeros((layout.WORK_ROWS, 1), c) for c in "fd"}
 
 
 def _call(plan, name, fused, *args):
@@ -79,13 +81,14 @@ def forward_train(plan, x, y, gamma, beta, eps, running_mean, running_var, momen
         stand_in = _STAND_IN[x.dtype.char]
     momentum = 0.0 if momentum is None else float(momentum)
     ddof = float(kw.get("ddof", 1))
+    relu = int(kw.get("relu", False))
     running = (stand_in if rm is None else rm, stand_in if rv is None else rv, momentum)
     running += (rm is not None, rv is not None, ddof, n)
     args = (plan.ints, plan.counts, x, y, gamma, beta, eps, stats, have_stats)
-    args += (_plan.STREAM_BYTES, running)
+    args += (_plan.STREAM_BYTES, running, relu)
     finite, fits = _call(plan, "forward_train", plan.fused, *args)
     if not fits:
-        _affine_float64(plan, y, x, stats[0], stats[3] * gamma, beta)
+        _affine_float64(plan, y, x, stats[0], stats[3] * gamma, beta, relu=relu)
     if rm is not running_mean:
         running_mean[...] = rm
     if rv is not running_var:
@@ -93,14 +96,14 @@ def forward_train(plan, x, y, gamma, beta, eps, running_mean, running_var, momen
     return stats, finite
 
 
-def forward_eval(plan, x, y, gamma, beta, eps, mean, var):
-    """Normalize flat ``x`` into flat ``y`` with given ``mean``/``var``; returns the
-    ``(4, C)`` statistics array (mean, unused m2, var, invstd)."""
+def forward_eval(plan, x, y, gamma, beta, eps, mean, var, relu=False):
+    """Normalize flat ``x`` into flat ``y`` with given ``mean``/``var`` (``relu``: then
+    ``max(0, y)``); returns the ``(4, C)`` statistics array (mean, unused m2, var, invstd)."""
     stats = np.empty((4, plan.C))
     stats[0], stats[2] = mean, var
-    args = (plan.ints, x, y, gamma, beta, eps, stats, _plan.STREAM_BYTES)
+    args = (plan.ints, x, y, gamma, beta, eps, stats, _plan.STREAM_BYTES, int(relu))
     if not _call(plan, "forward_eval", False, *args):
-        _affine_float64(plan, y, x, stats[0], stats[3] * gamma, beta)
+        _affine_float64(plan, y, x, stats[0], stats[3] * gamma, beta, relu=relu)
     return stats
 
 
@@ -114,14 +117,17 @@ def moments(plan, x):
 def grad_sums(plan, dy, x, mean):
     """Float64 ``(2, C)``: ``sum(dy)`` and ``sum(dy * (x - mean))`` per channel."""
     sums = np.empty((2, plan.C))
-    _call(plan, "grad_sums", False, plan.ints, dy, x, mean, sums)
+    args = (plan.ints, dy, x, mean, sums, _NO_FWORK[x.dtype.char], 0)
+    _call(plan, "grad_sums", False, *args)
     return sums
 
 
-def backward(plan, dy, x, dx, mean, invstd, gamma, training, n=None, sums=None):
+def backward(plan, dy, x, dx, mean, invstd, gamma, training, n=None, sums=None, fwork=None):
     """Write flat ``dx``; return float64 ``(dgamma, dbeta)`` (before any dtype cast) and
     the gradient sums used: ``sums`` when given (with ``n`` values per channel, e.g.
-    summed over processes), else those of ``dy``."""
+    summed over processes), else those of ``dy``. ``fwork``: the forward's coefficients
+    of a ReLU-fused forward (``fastbn._activation``); ``dy`` is then masked where the
+    forward's pre-activation was not positive."""
     C = plan.C
     grads = np.empty((2, C))
     have_sums = sums is not None
@@ -129,8 +135,13 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training, n=None, sums=None):
     n = float(plan.outer * plan.inner) if n is None else float(n)
     gamma = _param(gamma, plan.ones)
     args = (plan.ints, dy, x, dx, mean, invstd, gamma, n, bool(training), grads, sums)
-    args += (have_sums, _plan.STREAM_BYTES)
+    relu = fwork is not None
+    args += (have_sums, _plan.STREAM_BYTES, fwork if relu else _NO_FWORK[x.dtype.char], int(relu))
     if not _call(plan, "backward", plan.fused and not have_sums, *args):
+        if relu:  # redo as the composition, whose float64 path follows
+            dy = _activation.masked_dy(plan, dy, x, fwork)
+            given = sums if have_sums else None
+            return backward(plan, dy, x, dx, mean, invstd, gamma, training, n, given)
         g = gamma * invstd
         if training:  # the coefficients of fused.grad_params
             p, q = -g * invstd * (grads[0] / n), -g * (grads[1] / n)
@@ -141,10 +152,11 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training, n=None, sums=None):
     return grads[0], grads[1], sums
 
 
-def _affine_float64(plan, out, x, m, p, q, dy=None, g=None):
+def _affine_float64(plan, out, x, m, p, q, dy=None, g=None, relu=False):
     """``out = (x - m) * p + q`` (``+ dy * g``) in NumPy float64, per channel of the flat
     canonical buffers: the elementwise pass for the rare float32 case whose coefficients
-    exceed float32's range (``gamma * invstd`` above 3.4e38), which the kernels report."""
+    exceed float32's range (``gamma * invstd`` above 3.4e38), which the kernels report.
+    ``relu``: then ``out = np.maximum(out, 0)``, as the fused kernels do."""
     shape = (plan.outer, plan.C, plan.inner)
 
     def per_channel(a):
@@ -155,3 +167,5 @@ def _affine_float64(plan, out, x, m, p, q, dy=None, g=None):
     if dy is not None:
         result += dy.reshape(shape) * per_channel(g)
     out.reshape(shape)[...] = result
+    if relu:
+        np.maximum(out, 0, out=out)

@@ -117,6 +117,11 @@ class SyncBatchNorm(BatchNorm):
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
         super().__init__(num_features, **kwargs)
+        if self.activation is not None:
+            raise ValueError(
+                f"SyncBatchNorm does not fuse activation={self.activation!r} (its statistics "
+                f"come from every rank); use activation=None and apply the ReLU after it"
+            )
         self.comm = comm
         self.timeout = float(timeout)
         self._private = None  # the duplicate of comm, after the first handshake

@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 
-from . import _checks, _launch, _stats
+from . import _activation, _checks, _launch, _stats
 
 __all__ = ["batch_norm", "batch_norm_backward", "BatchNormCache"]
 
@@ -18,19 +18,23 @@ class BatchNormCache:
 
     Attributes: ``x`` (the forward input, by reference), ``mean``, ``invstd`` (float64,
     shape ``(C,)``, the statistics used to normalize), ``gamma`` (a copy, or None),
-    ``has_beta``, ``training``, ``axis``, ``shape``. ``xhat`` is never stored: backward
-    recomputes it from ``x``. ``x_sample`` is a strided sample of about 64 values of
-    ``x`` (bits), which backward compares to detect that ``x`` was modified in between
-    (best effort). ``count`` is None, or the number of values per channel of the
-    ``stats=`` the forward call normalized with (backward's ``n``).
+    ``has_beta``, ``training``, ``axis``, ``shape``, ``activation`` (None or ``"relu"``;
+    with ``"relu"``, ``beta`` is a copy too, for backward's mask). ``xhat`` is never
+    stored: backward recomputes it from ``x``. ``x_sample`` is a strided sample of about
+    64 values of ``x`` (bits), which backward compares to detect that ``x`` was modified
+    in between (best effort). ``count`` is None, or the number of values per channel of
+    the ``stats=`` the forward call normalized with (backward's ``n``).
 
     A cache may be used for any number of backward calls; backward never changes it.
     """
 
     __slots__ = ("x", "x_flat", "view", "gamma", "gamma_dtype", "beta_dtype", "stats")
-    __slots__ += ("training", "x_sample", "count")
+    __slots__ += ("training", "x_sample", "count", "activation", "beta")
 
-    def __init__(self, x, x_flat, view, gamma_copy, gamma, beta, stats, training):
+    def __init__(
+        self, x, x_flat, view, gamma_copy, gamma, beta, stats, training, activation=None,
+        beta_copy=None,
+    ):  # fmt: skip
         self.x, self.x_flat, self.view = x, x_flat, view
         self.gamma = gamma_copy
         self.gamma_dtype = None if gamma is None else gamma.dtype
@@ -38,6 +42,7 @@ class BatchNormCache:
         self.stats, self.training = stats, training
         self.x_sample = _checks.x_sample(x_flat)
         self.count = None
+        self.activation, self.beta = activation, beta_copy
 
     @property
     def mean(self):
@@ -66,7 +71,9 @@ class BatchNormCache:
     def __repr__(self):
         return (
             f"BatchNormCache(shape={self.shape}, axis={self.axis}, dtype={self.view.dtype}, "
-            f"training={self.training})"
+            f"training={self.training}"
+            + ("" if self.activation is None else f", activation={self.activation!r}")
+            + ")"
         )
 
 
@@ -84,8 +91,9 @@ def batch_norm(
     out=None,
     running_var_ddof=1,
     stats=None,
+    activation=None,
 ):
-    """Batch normalization forward.
+    """Batch normalization forward (optionally fused with a ReLU).
 
     Parameters
     ----------
@@ -128,7 +136,11 @@ def batch_norm(
         ``stats.count``), e.g. moments merged over processes. ``x`` may then be empty or
         hold one value per channel; ``stats.count`` must exceed 1. Backward uses
         ``stats.count`` as the number of values. ``stats=fastbn.moments(x)`` gives the
-        bits of the call without it.
+        bits of the call without it. Not with ``activation``.
+    activation : None or "relu"
+        ``"relu"``: ``y = np.maximum(batch_norm(x), 0)`` computed in the same pass (a NaN
+        stays NaN); the backward of this cache then masks ``dy`` where the
+        pre-activation was not positive, ``dy * (y > 0)``, inside its passes.
 
     Returns
     -------
@@ -149,8 +161,12 @@ def batch_norm(
     training; the other channels are unaffected. Running statistics are updated
     with those NaN (as in PyTorch).
     """
+    activation = _activation.check_activation(activation)
+    relu = activation is not None
     if stats is not None:
         _stats.check_stats_type(stats)
+        if relu:
+            raise ValueError("stats= with activation='relu' is not supported; apply the ReLU apart")
     args = (x, gamma, beta, training, running_mean, running_var, momentum, eps, axis, out)
     x, view, gamma, beta, running_mean, running_var, momentum, eps, training, out, ddof = (
         _checks.forward_args(*args, running_var_ddof, stats)
@@ -169,12 +185,12 @@ def batch_norm(
             _warn_overflow(stats[2])
     elif not training:
         stats = _launch.forward_eval(
-            plan, x_flat, y_flat, kernel_gamma, kernel_beta, eps, running_mean, running_var
+            plan, x_flat, y_flat, kernel_gamma, kernel_beta, eps, running_mean, running_var, relu
         )
     elif x.size:
         train = (plan, x_flat, y_flat, kernel_gamma, kernel_beta, eps)
         stats, finite = _launch.forward_train(
-            *train, running_mean, running_var, momentum, ddof=ddof
+            *train, running_mean, running_var, momentum, ddof=ddof, relu=relu
         )
         if not finite:
             _warn_overflow(stats[2])
@@ -182,7 +198,10 @@ def batch_norm(
         stats = np.full((4, view.C), np.nan)
     y = _finish(view, y, out)
     gamma_copy = None if gamma is None else np.array(kernel_gamma)  # a snapshot for backward
-    cache = BatchNormCache(x, x_flat, view, gamma_copy, gamma, beta, stats, training)
+    beta_copy = (None if beta is None else np.array(kernel_beta)) if relu else None
+    cache = BatchNormCache(
+        x, x_flat, view, gamma_copy, gamma, beta, stats, training, activation, beta_copy
+    )
     if given is not None:
         cache.count = given.count
     return y, cache
@@ -217,7 +236,8 @@ def batch_norm_backward(dy, cache, *, out=None, sums=None):
 
     In training mode the batch statistics depend on ``x``, which gives the full
     batch-norm gradient; in eval mode they are constants and ``dx = dy * gamma *
-    invstd``.
+    invstd``. A cache of ``activation="relu"`` gives the gradients of the ReLU-fused
+    forward: those of batch norm for ``dy * (y > 0)``.
 
     Raises ``ValueError`` when ``x`` was visibly modified since the forward call
     (a sample of its values is compared; see ``BatchNormCache``).
@@ -225,9 +245,14 @@ def batch_norm_backward(dy, cache, *, out=None, sums=None):
     dy, out = _checks.backward_args(dy, cache, out, BatchNormCache)
     if sums is not None:
         sums = _stats.check_sums(sums, cache)
+        if cache.activation is not None:
+            raise ValueError("sums= with a cache of activation='relu' is not supported")
     view = cache.view
     dy_flat = view.flat(dy)
     dx, dx_flat = _output(view, out)
+    fwork = None
+    if cache.activation is not None and dy.size:
+        dy_flat, fwork = _activation.backward_inputs(cache, dy_flat)
     if cache.training and (sums is not None or cache.count is not None):
         dgamma_raw, sum_dy = _stats.backward_with_sums(view.plan, dy_flat, cache, dx_flat, sums)
     elif dy.size:
@@ -240,6 +265,7 @@ def batch_norm_backward(dy, cache, *, out=None, sums=None):
             cache.invstd,
             cache.gamma,
             cache.training,
+            fwork=fwork,
         )
     else:
         dgamma_raw, sum_dy = np.zeros(view.C), np.zeros(view.C)
@@ -252,22 +278,27 @@ def batch_norm_backward(dy, cache, *, out=None, sums=None):
     return dx, dgamma, dbeta
 
 
-def train_again(view, x, gamma, beta, running_mean, running_var, momentum, eps):
+def train_again(view, x, gamma, beta, running_mean, running_var, momentum, eps, activation):
     """``batch_norm(x, gamma, beta, training=True, running_mean=..., running_var=...,
-    momentum=momentum, eps=eps, axis=view.axis)`` for a caller that has checked that
-    every argument is what an earlier successful call of that form validated: ``x`` a
-    plain C-contiguous array of ``view``'s shape and dtype owning its memory, the same
-    parameter and running arrays (native, contiguous, writable, ``view``'s dtype), float
-    ``eps`` and ``momentum``. Skips the checks; the layer's path for repeated calls."""
+    momentum=momentum, eps=eps, axis=view.axis, activation=activation)`` for a caller
+    that has checked that every argument is what an earlier successful call of that
+    form validated: ``x`` a plain C-contiguous array of ``view``'s shape and dtype
+    owning its memory, the same parameter and running arrays (native, contiguous,
+    writable, ``view``'s dtype), float ``eps`` and ``momentum``. Skips the checks; the
+    layer's path for repeated calls."""
     x_flat = x.reshape(-1)
     y, y_flat = view.empty()
+    relu = activation is not None
     stats, finite = _launch.forward_train(
-        view.plan, x_flat, y_flat, gamma, beta, eps, running_mean, running_var, momentum
-    )
+        view.plan, x_flat, y_flat, gamma, beta, eps, running_mean, running_var, momentum,
+        relu=relu,
+    )  # fmt: skip
     if not finite:
         _warn_overflow(stats[2])
     gamma_copy = None if gamma is None else np.array(gamma)  # a snapshot for backward
-    return y, BatchNormCache(x, x_flat, view, gamma_copy, gamma, beta, stats, True)
+    beta_copy = (None if beta is None else np.array(beta)) if relu else None
+    args = (gamma_copy, gamma, beta, stats, True, activation, beta_copy)
+    return y, BatchNormCache(x, x_flat, view, *args)
 
 
 def _output(view, out):

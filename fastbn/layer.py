@@ -9,7 +9,7 @@ import operator
 
 import numpy as np
 
-from . import _checks
+from . import _activation, _checks
 from ._memory import Lease
 from .functional import batch_norm, batch_norm_backward, train_again
 from .moments import Moments, moments
@@ -38,6 +38,10 @@ class BatchNorm:
         Channel axis of the inputs (1 for ``(N, C, ...)``, -1 for channels-last).
     dtype : float32 or float64
         dtype of the parameters and running statistics.
+    activation : None or "relu"
+        ``"relu"``: the layer is batch norm followed by a ReLU, fused in its passes
+        (``fastbn.batch_norm(..., activation="relu")``); ``backward`` takes the gradient
+        of the ReLU's output.
 
     Usage: ``y = bn(x)`` (or ``bn.forward(x)``), then ``dx = bn.backward(dy)``,
     which sets ``bn.dgamma``/``bn.dbeta`` (also in ``bn.grads``). ``bn.train()`` and
@@ -56,6 +60,7 @@ class BatchNorm:
         track_running_stats=True,
         axis=1,
         dtype=np.float32,
+        activation=None,
     ):
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
             raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
@@ -68,6 +73,7 @@ class BatchNorm:
         momentum = _checks.check_momentum(momentum, required=False)
         if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+        self.activation = _activation.check_activation(activation)
         self.num_features = int(num_features)
         self.eps = eps
         self.momentum = momentum
@@ -110,7 +116,8 @@ class BatchNorm:
             if momentum is None:
                 momentum = 1.0 / (self.num_batches_tracked + 1)
             args = (self.gamma, self.beta, self.running_mean, self.running_var)
-            y, self._cache = train_again(self._prepared[2], x, *args, momentum, self.eps)
+            view = self._prepared[2]
+            y, self._cache = train_again(view, x, *args, momentum, self.eps, self.activation)
             self.num_batches_tracked += 1
             return y
         self._check_channels(x)
@@ -132,6 +139,7 @@ class BatchNorm:
             eps=self.eps,
             axis=self.axis,
             out=out,
+            activation=self.activation,
         )
         # Only a call that succeeded changes the state.
         self._cache = cache
@@ -154,7 +162,7 @@ class BatchNorm:
         )
         ok = out is None and plain and type(x) is np.ndarray and x.flags.c_contiguous
         ok = ok and x.dtype is dtype and not cache.view.channels_last
-        state = (self.eps, self.momentum, self.axis)
+        state = (self.eps, self.momentum, self.axis, self.activation)
         self._prepared = (x.shape, dtype, cache.view, direct, state) if ok else None
 
     def _repeats(self, x):
@@ -174,7 +182,7 @@ class BatchNorm:
             and self.beta is direct[1]
             and rm is direct[2]
             and rv is direct[3]
-            and (self.eps, self.momentum, self.axis) == state
+            and (self.eps, self.momentum, self.axis, self.activation) == state
             and self._collected is None
             and rm.flags.writeable
             and rv.flags.writeable
@@ -224,7 +232,9 @@ class BatchNorm:
             eps=self.eps,
             axis=self.axis,
             out=out,
-            stats=m if m.count > 1 else None,
+            # the batch's own moments: the same bits as without them (which ReLU needs)
+            stats=m if m.count > 1 and self.activation is None else None,
+            activation=self.activation,
         )
         self._cache = cache
         self._collected.append(m)
@@ -315,5 +325,7 @@ class BatchNorm:
         return (
             f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-            f"axis={self.axis}, dtype={self.dtype.name})"
+            f"axis={self.axis}, dtype={self.dtype.name}"
+            + ("" if self.activation is None else f", activation={self.activation!r}")
+            + ")"
         )

@@ -139,6 +139,21 @@ def _layer_wrong_channels():
     return (lambda: bn(_x((8, C + 2)))), [bn.gamma, bn.running_mean, bn.running_var]
 
 
+def _relu_cache_then_x_scaled():
+    x = _x()
+    gamma, beta = _params()
+    _, cache = fastbn.batch_norm(x, gamma, beta, activation="relu")
+    x *= 2
+    dy = _x(seed=5)
+    return (lambda: fastbn.batch_norm_backward(dy, cache)), [dy, x]
+
+
+def _bad_activation_with_outputs(activation):
+    """A bad activation with out= and running statistics: none of them is written."""
+    rm, rv = _running()
+    return fwd(activation=activation, out=np.zeros((8, C), F32), running_mean=rm, running_var=rv)
+
+
 def _cache_from_reference():
     return bwd(cache=lambda x, g, b: fastbn.reference.batch_norm(x, g, b)[1])
 
@@ -374,6 +389,33 @@ ERRORS = [
         ValueError,
         "Keep x unchanged until backward",
     ),
+    # activation (batch norm fused with a ReLU)
+    (
+        "activation_unknown",
+        lambda: _bad_activation_with_outputs("gelu"),
+        ValueError,
+        "activation must be None or 'relu', got 'gelu'",
+    ),
+    ("activation_capitalized", lambda: fwd(activation="ReLU"), ValueError, "got 'ReLU'"),
+    (
+        "activation_int",
+        lambda: _bad_activation_with_outputs(1),
+        TypeError,
+        "activation must be None or a str ('relu'), got int 1",
+    ),
+    ("activation_bool", lambda: fwd(activation=True), TypeError, "got bool True"),
+    (
+        "activation_relu_eval_without_running_stats",
+        lambda: fwd(training=False, activation="relu"),
+        ValueError,
+        "running_mean and running_var are required when training=False",
+    ),
+    (
+        "x_modified_relu_cache",
+        _relu_cache_then_x_scaled,
+        ValueError,
+        "x was modified after batch_norm returned this cache",
+    ),
     # layer
     (
         "layer_wrong_channels",
@@ -409,8 +451,11 @@ def test_error_case_count():
         ({"eps": float("inf")}, ValueError, "eps must be a positive finite float, got inf"),
         ({"axis": 1.5}, TypeError, "axis must be an int, got float"),
         ({"dtype": np.int32}, TypeError, "dtype must be float32 or float64, got int32"),
+        ({"activation": "tanh"}, ValueError, "activation must be None or 'relu', got 'tanh'"),
+        ({"activation": 0}, TypeError, "activation must be None or a str ('relu'), got int 0"),
     ],
-    ids=["momentum_2", "momentum_str", "eps_0", "eps_inf", "axis_float", "dtype_int"],
+    ids=["momentum_2", "momentum_str", "eps_0", "eps_inf", "axis_float", "dtype_int"]
+    + ["activation_tanh", "activation_int"],
 )
 def test_layer_constructor_rejects(kwargs, exc, fragment):
     with pytest.raises(exc, match=re.escape(fragment)):

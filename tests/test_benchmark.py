@@ -36,7 +36,8 @@ def test_bench_command_writes_json(tmp_path, capsys):
         assert all(v > 0 for v in r["ms"].values()) and r["probe_ms"] > 0
         assert r["copyto_ms"] > 0  # a small case: np.copyto of the same bytes, apart from ms
         assert r["noise"]["rounds"] == 1 and isinstance(r["noise"]["noisy"], bool)
-    assert report["noise"]["results"] == len(results)
+    # every timed result is assessed: the plain ones and, with activation="relu", the fused
+    assert report["noise"]["results"] == len(results) + len(report["fusion"])
     assert ("WARNING: noisy machine" in printed) == report["noise"]["noisy"]
 
 

@@ -1,6 +1,17 @@
 """Elementwise pass: ``out = (x - m) * p + q``, or ``(dy - d) * g + (x - m) * p + q`` for
 ``dx``, in the storage dtype, with the per-channel coefficients of ``coefficients``.
 
+``relu`` fuses a ReLU after batch norm (a runtime flag, so no further compilations):
+
+- 0: as above;
+- 1: forward ``out = max(0, (x - m) * p + q)`` (``np.maximum``: NaN stays NaN); for
+  ``dx``, ``dy`` is first masked, ``dy * ((x - rm) * rp + rq > 0)``;
+- 2 (``dx`` in eval mode): ``out = (masked dy - d) * g + q``, ``x`` read only for the mask
+  (one plain loop per family, ordinary stores: not a path to tune, so little to compile).
+
+``rm, rp, rq`` are rows ``W_MEAN, W_SCALE, W_OFFSET`` of ``fwork``, the coefficients of
+the forward call: the mask is the forward's own arithmetic, so it equals ``y > 0``.
+
 Rows family: a task is ``AFFINE_BLOCK`` whole rows (no per-column state), so a wide row
 streams from start to end. Planes family: a task is a reduction task's block of planes.
 With ``stream`` (outputs of at least ``fastbn._plan.STREAM_BYTES``) a task's whole
@@ -14,74 +25,138 @@ argument, atomics that the threads contend on.
 import numba
 import numpy as np
 
+from . import stream as S
 from .jit import drivers, inline, jit
-from .layout import AFFINE_BLOCK, AFFINE_TASKS, CHANNELS, INNER, OUTER
+from .layout import AFFINE_BLOCK, AFFINE_TASKS, CHANNELS, INNER, OUTER, W_MEAN, W_OFFSET, W_SCALE
 from .partition import task
-from .stream import LINE, fmuladd, line_planes, line_planes_dy, line_rows, line_rows_dy, store_fence
+from .stream import LINE, fmuladd, masked, relu_max, store_fence
 
 _U = np.uint64
 
 
 @inline
-def _rows_plain(x, dy, out, m, p, q, g, d, C, lo, hi, with_dy):
-    """Rows ``[lo, hi)`` with ordinary stores, row by row."""
+def _element(x, dy, m, p, q, g, d, rm, rp, rq, i, j, with_dy, mode):
+    """Output ``i`` of channel ``j``, ``mode`` (``relu``) 0 or 1. ``fwork``'s rows ``rm,
+    rp, rq`` are read only by the ReLU ``dx`` (they may be a stub otherwise)."""
+    xv = x[i]
+    if with_dy:
+        dyv = dy[i]
+        if mode:
+            dyv = masked(fmuladd(xv - rm[j], rp[j], rq[j]), dyv)
+        return fmuladd(dyv - d[j], g[j], fmuladd(xv - m[j], p[j], q[j]))
+    value = fmuladd(xv - m[j], p[j], q[j])
+    return relu_max(value) if mode else value
+
+
+@inline
+def _rows_plain(x, dy, out, m, p, q, g, d, rm, rp, rq, C, lo, hi, with_dy, mode):
+    """Rows ``[lo, hi)`` with ordinary stores, row by row; one loop per case, so that
+    each vectorizes without the others' work."""
     for r in range(lo, hi):
         i0 = r * C
-        if with_dy:
+        if with_dy and mode:
+            for j in range(C):
+                xv = x[i0 + j]
+                dyv = masked(fmuladd(xv - rm[j], rp[j], rq[j]), dy[i0 + j])
+                out[i0 + j] = fmuladd(dyv - d[j], g[j], fmuladd(xv - m[j], p[j], q[j]))
+        elif with_dy:
             for j in range(C):
                 xc = x[i0 + j] - m[j]
                 out[i0 + j] = fmuladd(dy[i0 + j] - d[j], g[j], fmuladd(xc, p[j], q[j]))
+        elif mode:
+            for j in range(C):
+                out[i0 + j] = relu_max(fmuladd(x[i0 + j] - m[j], p[j], q[j]))
         else:
             for j in range(C):
                 out[i0 + j] = fmuladd(x[i0 + j] - m[j], p[j], q[j])
 
 
 @inline
-def _run_rows(x, dy, out, m, p, q, g, d, C, i0, n, j, with_dy):
+def _run_rows(x, dy, out, m, p, q, g, d, rm, rp, rq, C, i0, n, j, with_dy, mode):
     """``n`` flat elements from ``i0`` whose first is channel ``j``, ordinary stores."""
     for e in range(n):
-        xc = x[i0 + e] - m[j]
-        if with_dy:
-            gc = dy[i0 + e] - d[j]
-            out[i0 + e] = fmuladd(gc, g[j], fmuladd(xc, p[j], q[j]))
-        else:
-            out[i0 + e] = fmuladd(xc, p[j], q[j])
+        out[i0 + e] = _element(x, dy, m, p, q, g, d, rm, rp, rq, i0 + e, j, with_dy, mode)
         j += _U(1)
         if j == C:
             j = _U(0)
 
 
 @inline
-def _run_plane(x, dy, out, m, p, q, g, d, c, i0, n, with_dy):
+def _run_plane(x, dy, out, m, p, q, g, d, rm, rp, rq, c, i0, n, with_dy, mode):
     """``n`` elements from ``i0`` of one plane of channel ``c``, ordinary stores."""
     mc, pc, qc, gc, dc = m[c], p[c], q[c], g[c], d[c]
-    if with_dy:
+    if with_dy and mode:
+        rmc, rpc, rqc = rm[c], rp[c], rq[c]
+        for e in range(n):
+            xv = x[i0 + e]
+            dyv = masked(fmuladd(xv - rmc, rpc, rqc), dy[i0 + e])
+            out[i0 + e] = fmuladd(dyv - dc, gc, fmuladd(xv - mc, pc, qc))
+    elif with_dy:
         for e in range(n):
             xc = x[i0 + e] - mc
             out[i0 + e] = fmuladd(dy[i0 + e] - dc, gc, fmuladd(xc, pc, qc))
+    elif mode:
+        for e in range(n):
+            out[i0 + e] = relu_max(fmuladd(x[i0 + e] - mc, pc, qc))
     else:
         for e in range(n):
             out[i0 + e] = fmuladd(x[i0 + e] - mc, pc, qc)
 
 
 @inline
-def _lines(x, dy, out, m, p, q, g, d, C, k, nlines, j, rows, with_dy):
+def _line(out, x, dy, m, p, q, g, d, rm, rp, rq, i0, j, rows, with_dy, mode):
+    """One streamed 64-byte line: the intrinsic of the family and case."""
+    if rows:
+        if with_dy and mode:
+            S.line_rows_relu_dy(out, x, dy, m, p, q, g, d, rm, rp, rq, i0, j)
+        elif with_dy:
+            S.line_rows_dy(out, x, dy, m, p, q, g, d, rm, rp, rq, i0, j)
+        elif mode:
+            S.line_rows_relu(out, x, dy, m, p, q, g, d, rm, rp, rq, i0, j)
+        else:
+            S.line_rows(out, x, dy, m, p, q, g, d, rm, rp, rq, i0, j)
+    elif with_dy and mode:
+        S.line_planes_relu_dy(out, x, dy, m, p, q, g, d, rm, rp, rq, i0, j)
+    elif with_dy:
+        S.line_planes_dy(out, x, dy, m, p, q, g, d, rm, rp, rq, i0, j)
+    elif mode:
+        S.line_planes_relu(out, x, dy, m, p, q, g, d, rm, rp, rq, i0, j)
+    else:
+        S.line_planes(out, x, dy, m, p, q, g, d, rm, rp, rq, i0, j)
+
+
+@inline
+def _lines(x, dy, out, m, p, q, g, d, rm, rp, rq, C, k, nlines, j, rows, with_dy, mode):
     """``nlines`` whole 64-byte lines from flat index ``k`` (channel ``j`` first), streamed."""
     line = _U(LINE)
     for L in range(nlines):
         i0 = k + L * line
+        _line(out, x, dy, m, p, q, g, d, rm, rp, rq, i0, j, rows, with_dy, mode)
         if rows:
-            if with_dy:
-                line_rows_dy(out, x, dy, m, p, q, g, d, i0, j)
-            else:
-                line_rows(out, x, dy, m, p, q, g, d, i0, j)
             j += line
             while j >= C:
                 j -= C
-        elif with_dy:
-            line_planes_dy(out, x, dy, m, p, q, g, d, i0, j)
-        else:
-            line_planes(out, x, dy, m, p, q, g, d, i0, j)
+
+
+@jit
+def _eval_relu_dx(plan, x, dy, out, q, g, d, rm, rp, rq, lo, hi, c0):
+    """``relu == 2``: ``out = (dy * (pre > 0) - d) * g + q`` over rows ``[lo, hi)`` or
+    over the planes of channel ``c0`` of outer indices ``[lo, hi)``."""
+    C = _U(plan[CHANNELS])
+    inner = _U(plan[INNER])
+    if inner == 1:
+        for r in range(lo, hi):
+            i0 = r * C
+            for j in range(C):
+                dyv = masked(fmuladd(x[i0 + j] - rm[j], rp[j], rq[j]), dy[i0 + j])
+                out[i0 + j] = fmuladd(dyv - d[j], g[j], q[j])
+        return
+    qc, gc, dc, rmc, rpc, rqc = q[c0], g[c0], d[c0], rm[c0], rp[c0], rq[c0]
+    for o in range(lo, hi):
+        i0 = (o * C + c0) * inner
+        for e in range(inner):
+            dyv = masked(fmuladd(x[i0 + e] - rmc, rpc, rqc), dy[i0 + e])
+            out[i0 + e] = fmuladd(dyv - dc, gc, qc)
 
 
 @inline
@@ -96,19 +171,24 @@ def _split(addr, size, k, seglen, stream):
 
 
 @jit
-def affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream):
+def affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, relu):
     """Write task ``t``'s outputs with the coefficients ``m, p, q, g, d`` (the rows of
-    ``coefficients.working``)."""
+    ``coefficients.working``); ``relu`` and ``fwork`` (the forward's ``work``, read only
+    when ``relu`` and ``with_dy``): see the module docstring."""
     C = _U(plan[CHANNELS])
     rows = plan[INNER] == 1
+    rm, rp, rq = fwork[W_MEAN], fwork[W_SCALE], fwork[W_OFFSET]
     if rows:  # whole rows (see AFFINE_BLOCK)
         lo = _U(t * plan[AFFINE_BLOCK])
         hi = _U(min(plan[OUTER], (t + 1) * plan[AFFINE_BLOCK]))
         c0 = _U(0)
     else:
         _, lo, hi, c0, _ = task(plan, t)
+    if relu == 2:
+        _eval_relu_dx(plan, x, dy, out, q, g, d, rm, rp, rq, lo, hi, c0)
+        return
     if rows and not stream:
-        _rows_plain(x, dy, out, m, p, q, g, d, C, lo, hi, with_dy)
+        _rows_plain(x, dy, out, m, p, q, g, d, rm, rp, rq, C, lo, hi, with_dy, relu)
         return
     # segments: one flat run of rows, or one plane per outer index
     nseg = _U(1) if rows else hi - lo
@@ -120,14 +200,16 @@ def affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream):
         k = lo * C if rows else ((lo + s) * C + c0) * _U(plan[INNER])
         head, nlines = _split(addr, size, k, seglen, stream)
         tail = head + nlines * _U(LINE)
-        if rows:
-            _run_rows(x, dy, out, m, p, q, g, d, C, k, head, _U(0), with_dy)
-            _run_rows(x, dy, out, m, p, q, g, d, C, k + tail, seglen - tail, tail % C, with_dy)
-        else:
-            _run_plane(x, dy, out, m, p, q, g, d, c0, k, head, with_dy)
-            _run_plane(x, dy, out, m, p, q, g, d, c0, k + tail, seglen - tail, with_dy)
+        for part in range(2):  # the head, then the tail (one inlined copy of the loops)
+            i0 = k if part == 0 else k + tail
+            n = head if part == 0 else seglen - tail
+            if rows:
+                j0 = _U(0) if part == 0 else tail % C
+                _run_rows(x, dy, out, m, p, q, g, d, rm, rp, rq, C, i0, n, j0, with_dy, relu)
+            else:
+                _run_plane(x, dy, out, m, p, q, g, d, rm, rp, rq, c0, i0, n, with_dy, relu)
         j = head % C if rows else c0
-        _lines(x, dy, out, m, p, q, g, d, C, k + head, nlines, j, rows, with_dy)
+        _lines(x, dy, out, m, p, q, g, d, rm, rp, rq, C, k + head, nlines, j, rows, with_dy, relu)
         streamed = streamed or nlines > _U(0)
     if streamed:
         store_fence()

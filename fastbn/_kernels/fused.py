@@ -37,9 +37,11 @@ def _forward_task(
     scale,
     work,
     stream,
+    relu,
 ):
     """Channel ``t``: statistics into ``stats[:, t]`` (mean, m2, var, invstd; with
-    ``have_stats`` mean and m2 of ``n`` values are given), then ``y``."""
+    ``have_stats`` mean and m2 of ``n`` values are given), then ``y`` (``relu``:
+    ``max(0, y)``, see ``affine``)."""
     mean, m2, var, invstd = stats[0], stats[1], stats[2], stats[3]
     if not have_stats:
         moments_task(plan, t, x, s1, s2, shift)
@@ -48,7 +50,7 @@ def _forward_task(
     normalizer(var, gamma, eps, invstd, scale, t)
     working_channel(mean, scale, beta, scale, 0.0, 1.0, False, t, work)
     w = (work[W_MEAN], work[W_SCALE], work[W_OFFSET], work[W_DY_SCALE], work[W_DY_MEAN])
-    affine_task(plan, t, x, x, y, w[0], w[1], w[2], w[3], w[4], False, stream)
+    affine_task(plan, t, x, x, y, w[0], w[1], w[2], w[3], w[4], False, stream, work, relu)
 
 
 def _forward(plan, *args):
@@ -78,21 +80,27 @@ def grad_params(c, sum_dy, sum_dy_xc, invstd, gamma, n, training, grads, coef):
 
 @jit
 def _backward_task(
-    plan, t, dy, x, dx, mean, invstd, gamma, n, training, s1, s2, grads, coef, work, stream
-):
+    plan, t, dy, x, dx, mean, invstd, gamma, n, training, s1, s2, grads, coef, work, stream,
+    fwork, relu,
+):  # fmt: skip
     """Channel ``t``: gradient sums, ``dgamma``/``dbeta``, then ``dx``. Training: ``dx =
     dy * g + (x - mean) * p + q`` centred on the mean of ``dy``; eval: ``dy * g``, as
-    ``(dy - 0) * g + 0``, because x is not read (a NaN there must not leak into dx)."""
-    gradsums_task(plan, t, dy, x, mean, s1, s2)
+    ``(dy - 0) * g + 0``, because x is not read (a NaN there must not leak into dx).
+    ``relu``: ``dy`` masked by the forward pre-activation (``fwork``, see ``affine``);
+    eval then reads x for the mask only."""
+    gradsums_task(plan, t, dy, x, mean, s1, s2, fwork, relu)
     grad_params(t, s1[0, t], s2[0, t], invstd, gamma, n, training, grads, coef)
     g, p, q = coef[0], coef[1], coef[2]
     w = (work[W_MEAN], work[W_SCALE], work[W_OFFSET], work[W_DY_SCALE], work[W_DY_MEAN])
     if training:
         working_channel(mean, p, q, g, grads[1, t], n, True, t, work)
-        affine_task(plan, t, x, dy, dx, w[0], w[1], w[2], w[3], w[4], True, stream)
+        affine_task(plan, t, x, dy, dx, w[0], w[1], w[2], w[3], w[4], True, stream, fwork, relu)
+    elif relu:  # (masked dy - 0) * g + 0
+        working_channel(q, q, q, g, 0.0, 1.0, False, t, work)
+        affine_task(plan, t, x, dy, dx, w[0], w[1], w[2], w[3], w[4], True, stream, fwork, 2)
     else:
         working_channel(q, g, q, g, 0.0, 1.0, False, t, work)
-        affine_task(plan, t, dy, dy, dx, w[0], w[1], w[2], w[3], w[4], False, stream)
+        affine_task(plan, t, dy, dy, dx, w[0], w[1], w[2], w[3], w[4], False, stream, work, 0)
 
 
 def _backward(plan, *args):

@@ -45,14 +45,14 @@ def _register(body):
     return targets[False, False]
 
 
-def _affine(plan, x, dy, out, m, p, q, g, dsum, n, with_dy, stream_bytes):
+def _affine(plan, x, dy, out, m, p, q, g, dsum, n, with_dy, stream_bytes, fwork, relu):
     """The elementwise pass with float64 coefficients ``m, p, q, g`` (``dy`` centred on
-    ``dsum / n`` when ``with_dy``). Returns True when they do not fit the storage dtype
-    (``out`` must then be redone in float64)."""
+    ``dsum / n`` when ``with_dy``; ``relu``, ``fwork``: see ``affine``). Returns True when
+    they do not fit the storage dtype (``out`` must then be redone in float64)."""
     stream = out.size * out.itemsize >= stream_bytes
     work = working(out, m, p, q, g, dsum, n, with_dy)
     w = (work[W_MEAN], work[W_SCALE], work[W_OFFSET], work[W_DY_SCALE], work[W_DY_MEAN])
-    affine_pass(plan, x, dy, out, w[0], w[1], w[2], w[3], w[4], with_dy, stream)
+    affine_pass(plan, x, dy, out, w[0], w[1], w[2], w[3], w[4], with_dy, stream, fwork, relu)
     return any_clamped(work, m.shape[0])
 
 
@@ -119,24 +119,29 @@ def _check_variance(stats):
     return finite
 
 
-def _forward_eval(plan, x, y, gamma, beta, eps, stats, stream_bytes):
+def _forward_eval(plan, x, y, gamma, beta, eps, stats, stream_bytes, relu):
     """``y = (x - mean) * invstd * gamma + beta`` with ``mean = stats[0]`` and
-    ``invstd = stats[3] = 1 / sqrt(stats[2] + eps)``. Returns False when ``y`` must be
-    redone in float64 (see ``coefficients``)."""
+    ``invstd = stats[3] = 1 / sqrt(stats[2] + eps)`` (``relu``: ``max(0, y)``). Returns
+    False when ``y`` must be redone in float64 (see ``coefficients``)."""
     mean, var, invstd = stats[0], stats[2], stats[3]
     C = mean.shape[0]
     scale = np.empty(C)
     for c in range(C):
         normalizer(var, gamma, eps, invstd, scale, c)
-    return not affine_op(plan, x, x, y, mean, scale, beta, scale, mean, 1.0, False, stream_bytes)
+    stub = new_work(y, 0)  # fwork: not read by a forward pass
+    args = (mean, scale, beta, scale, mean, 1.0, False, stream_bytes, stub, relu)
+    return not affine_op(plan, x, x, y, *args)
 
 
 forward_eval_op = _register(_forward_eval)
 
 
-def _forward_train(plan, counts, x, y, gamma, beta, eps, stats, have_stats, stream_bytes, running):
+def _forward_train(
+    plan, counts, x, y, gamma, beta, eps, stats, have_stats, stream_bytes, running, relu
+):
     """Normalize with the batch statistics (``have_stats``: with those already in ``stats``:
-    mean, m2 of ``n`` values) into ``y``, and update the running statistics.
+    mean, m2 of ``n`` values) into ``y`` (``relu``: ``max(0, y)``), and update the running
+    statistics.
 
     ``running`` is ``(running_mean, running_var, momentum, update_mean, update_var, ddof,
     n)``. Returns ``(finite, fits)``: False when some variance is not finite; False when
@@ -148,23 +153,9 @@ def _forward_train(plan, counts, x, y, gamma, beta, eps, stats, have_stats, stre
         shape = (plan[NBLOCKS], plan[CHANNELS])
         s1, s2, shift = np.empty(shape), np.empty(shape), np.empty(shape)
         fused_forward_pass(
-            plan,
-            x,
-            y,
-            gamma,
-            beta,
-            eps,
-            counts,
-            s1,
-            s2,
-            shift,
-            stats,
-            have_stats,
-            running[6],
-            scale,
-            work,
-            stream,
-        )
+            plan, x, y, gamma, beta, eps, counts, s1, s2, shift, stats, have_stats, running[6],
+            scale, work, stream, relu,
+        )  # fmt: skip
     else:
         if not have_stats:
             moments_op(plan, counts, x, stats)
@@ -176,17 +167,18 @@ def _forward_train(plan, counts, x, y, gamma, beta, eps, stats, have_stats, stre
     _running(stats, n, ddof, running_mean, running_var, momentum, update_mean, update_var)
     if FUSED:
         return finite, not any_clamped(work, plan[CHANNELS])
-    return finite, forward_eval_op(plan, x, y, gamma, beta, eps, stats, stream_bytes)
+    return finite, forward_eval_op(plan, x, y, gamma, beta, eps, stats, stream_bytes, relu)
 
 
 _register(_forward_train)
 
 
-def _grad_sums(plan, dy, x, mean, sums):
-    """``sums[0] = sum(dy)``, ``sums[1] = sum(dy * (x - mean))`` per channel (float64)."""
+def _grad_sums(plan, dy, x, mean, sums, fwork, relu):
+    """``sums[0] = sum(dy)``, ``sums[1] = sum(dy * (x - mean))`` per channel (float64);
+    ``relu``: of ``dy`` masked by the forward pre-activation (``fwork``, see ``gradsums``)."""
     shape = (plan[NBLOCKS], plan[CHANNELS])
     s1, s2 = np.empty(shape), np.empty(shape)
-    gradsums_pass(plan, dy, x, mean, s1, s2)
+    gradsums_pass(plan, dy, x, mean, s1, s2, fwork, relu)
     merge_sums(s1, s2, sums[0], sums[1])
 
 
@@ -194,12 +186,15 @@ grad_sums_op = _register(_grad_sums)
 
 
 def _backward(
-    plan, dy, x, dx, mean, invstd, gamma, n, training, grads, sums, have_sums, stream_bytes
-):
+    plan, dy, x, dx, mean, invstd, gamma, n, training, grads, sums, have_sums, stream_bytes,
+    fwork, relu,
+):  # fmt: skip
     """``dx``, and ``grads`` = (dgamma, dbeta) = (``sums[1] * invstd``, ``sums[0]``) from
     the gradient sums of ``dy`` (``have_sums``: the given ``sums``, e.g. summed over
-    processes; ``n`` is then their number of values per channel). Returns False when
-    ``dx`` must be redone in float64 (see ``coefficients``)."""
+    processes; ``n`` is then their number of values per channel). ``relu`` (0 or 1):
+    ``dy`` is masked where the forward pre-activation, from the forward's coefficients
+    ``fwork``, is not positive (see ``affine``). Returns False when ``dx`` must be redone
+    in float64 (see ``coefficients``)."""
     C = plan[CHANNELS]
     coef = np.empty((3, C))  # g, p, q of dx = dy * g + (x - mean) * p + q
     if FUSED:  # sums and dx, channel by channel (have_sums is False)
@@ -207,19 +202,22 @@ def _backward(
         work = new_work(dx, C)
         s1, s2 = np.empty((1, C)), np.empty((1, C))
         args = (dy, x, dx, mean, invstd, gamma, n, training, s1, s2, grads, coef, work, stream)
-        fused_backward_pass(plan, *args)
+        fused_backward_pass(plan, *args, fwork, relu)
         for c in range(C):
             sums[0, c], sums[1, c] = s1[0, c], s2[0, c]
         return not any_clamped(work, C)
     if not have_sums:
-        grad_sums_op(plan, dy, x, mean, sums)
+        grad_sums_op(plan, dy, x, mean, sums, fwork, relu)
     for c in range(C):
         fused.grad_params(c, sums[0, c], sums[1, c], invstd, gamma, n, training, grads, coef)
     g, p, q = coef[0], coef[1], coef[2]
     if training:
-        return not affine_op(plan, x, dy, dx, mean, p, q, g, sums[0], n, True, stream_bytes)
+        args = (mean, p, q, g, sums[0], n, True, stream_bytes, fwork, relu)
+        return not affine_op(plan, x, dy, dx, *args)
+    if relu:  # dx = masked dy * gamma * invstd: x is read for the mask only
+        return not affine_op(plan, x, dy, dx, q, q, q, g, q, 1.0, True, stream_bytes, fwork, 2)
     # dx = dy * gamma * invstd: x is not read (a NaN there must not leak into dx)
-    return not affine_op(plan, dy, dy, dx, q, g, q, g, q, 1.0, False, stream_bytes)
+    return not affine_op(plan, dy, dy, dx, q, g, q, g, q, 1.0, False, stream_bytes, fwork, 0)
 
 
 _register(_backward)

@@ -15,6 +15,14 @@ element, or at ``j`` for planes, one channel), with ``llvm.fmuladd`` rounding ex
 tagged ``!nontemporal``. ``&out[k]`` must be 64-byte aligned.
 ``store_fence`` orders the streaming stores before later ones (each task ends with it).
 Elsewhere than x86-64 the stores are ordinary and the fence is nothing.
+
+The ReLU-fused variants (``relu``, see ``fastbn._kernels.affine``) add
+``relu(v) = np.maximum(v, 0)`` to the forward step and, for ``dx``, mask ``dy`` with the
+forward pre-activation ``(x - rm) * rp + rq > 0`` (``rm, rp, rq``: the forward
+coefficients). ``relu_max`` and ``masked`` below are the same IR for scalar code. Their
+compares and products carry one fast-math flag that changes nothing here (``arcp``):
+Numba's fastmath pass only flags instructions that have none, so these stay IEEE-exact
+(``nsz`` could otherwise turn ``max(-0.0, 0)`` into ``-0.0``, which ``np.maximum`` does not).
 """
 
 import platform
@@ -27,18 +35,38 @@ LINE = 16
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
-def _make_line(per_element, with_dy):
+# the one flag of the exact instructions (see the module docstring)
+_EXACT = ("arcp",)
+
+
+def relu_ir(builder, v):
+    """``np.maximum(v, 0)``: ``v`` when ``v > 0`` or ``v`` is NaN (unordered), else +0.0."""
+    zero = ir.Constant(v.type, None)
+    keep = builder.fcmp_unordered(">", v, zero, flags=_EXACT)
+    return builder.select(keep, v, zero)
+
+
+def masked_ir(builder, pre, dy):
+    """``dy * (pre > 0)``: ``dy`` times 1.0 or 0.0 (so a NaN or inf ``dy`` stays NaN)."""
+    positive = builder.fcmp_ordered(">", pre, ir.Constant(pre.type, None), flags=_EXACT)
+    return builder.fmul(dy, builder.uitofp(positive, dy.type), flags=_EXACT)
+
+
+def _make_line(per_element, with_dy, relu=False):
+    """The intrinsic of one 16-element step; ``relu``: forward ``relu_max`` of the
+    result, ``dx`` with ``dy`` masked by the pre-activation."""
+
     @intrinsic
-    def line(typingctx, out, x, dy, m, p, q, g, d, k, j):
-        arrays = (out, x, dy, m, p, q, g, d)
+    def line(typingctx, out, x, dy, m, p, q, g, d, rm, rp, rq, k, j):
+        arrays = (out, x, dy, m, p, q, g, d, rm, rp, rq)
         if not all(isinstance(a, types.Array) and a.dtype == out.dtype for a in arrays):
             return None
         if not (isinstance(k, types.Integer) and isinstance(j, types.Integer)):
             return None
-        sig = types.void(out, x, dy, m, p, q, g, d, k, j)
+        sig = types.void(out, x, dy, m, p, q, g, d, rm, rp, rq, k, j)
 
         def codegen(context, builder, signature, args):
-            out_v, x_v, dy_v, m_v, p_v, q_v, g_v, d_v, k_v, j_v = args
+            out_v, x_v, dy_v, m_v, p_v, q_v, g_v, d_v, rm_v, rp_v, rq_v, k_v, j_v = args
             tys = signature.args
 
             def data(i, val):
@@ -53,7 +81,8 @@ def _make_line(per_element, with_dy):
                     builder.bitcast(builder.gep(ptr, [k_v]), vec_t.as_pointer()), align=size
                 )
 
-            def load_param(ptr):
+            def load_param(i, val):
+                ptr = data(i, val)
                 if per_element:
                     return builder.load(
                         builder.bitcast(builder.gep(ptr, [j_v]), vec_t.as_pointer()), align=size
@@ -72,11 +101,19 @@ def _make_line(per_element, with_dy):
             fmuladd = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(vec_t, [vec_t] * 3), "llvm.fmuladd." + suffix
             )
-            xc = builder.fsub(load_data(data(1, x_v)), load_param(data(3, m_v)))
-            value = builder.call(fmuladd, [xc, load_param(data(4, p_v)), load_param(data(5, q_v))])
+            xv = load_data(data(1, x_v))
+            xc = builder.fsub(xv, load_param(3, m_v))
+            value = builder.call(fmuladd, [xc, load_param(4, p_v), load_param(5, q_v)])
             if with_dy:
-                dyv = builder.fsub(load_data(data(2, dy_v)), load_param(data(7, d_v)))
-                value = builder.call(fmuladd, [dyv, load_param(data(6, g_v)), value])
+                dyv = load_data(data(2, dy_v))
+                if relu:
+                    pre_c = builder.fsub(xv, load_param(8, rm_v))
+                    pre = builder.call(fmuladd, [pre_c, load_param(9, rp_v), load_param(10, rq_v)])
+                    dyv = masked_ir(builder, pre, dyv)
+                dyv = builder.fsub(dyv, load_param(7, d_v))
+                value = builder.call(fmuladd, [dyv, load_param(6, g_v), value])
+            elif relu:
+                value = relu_ir(builder, value)
             dest = builder.bitcast(builder.gep(data(0, out_v), [k_v]), vec_t.as_pointer())
             store = builder.store(value, dest, align=64)
             if _X86:
@@ -92,6 +129,10 @@ line_rows = _make_line(per_element=True, with_dy=False)
 line_rows_dy = _make_line(per_element=True, with_dy=True)
 line_planes = _make_line(per_element=False, with_dy=False)
 line_planes_dy = _make_line(per_element=False, with_dy=True)
+line_rows_relu = _make_line(per_element=True, with_dy=False, relu=True)
+line_rows_relu_dy = _make_line(per_element=True, with_dy=True, relu=True)
+line_planes_relu = _make_line(per_element=False, with_dy=False, relu=True)
+line_planes_relu_dy = _make_line(per_element=False, with_dy=True, relu=True)
 
 
 @intrinsic
@@ -125,3 +166,40 @@ def fmuladd(typingctx, a, b, c):
         return builder.call(fn, list(args))
 
     return sig, codegen
+
+
+@intrinsic
+def relu_max(typingctx, v):
+    """``np.maximum(v, 0)`` for a float32/float64 ``v``, exactly (``relu_ir``)."""
+    if not isinstance(v, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return relu_ir(builder, args[0])
+
+    return v(v), codegen
+
+
+@intrinsic
+def masked(typingctx, pre, dy):
+    """``dy * (pre > 0)`` in the type of ``dy`` and ``pre`` (``masked_ir``)."""
+    if not (isinstance(pre, types.Float) and pre == dy):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return masked_ir(builder, args[0], args[1])
+
+    return dy(pre, dy), codegen
+
+
+@intrinsic
+def add_in_order(typingctx, a, b):
+    """``a + b`` that fastmath never reassociates (``_EXACT`` flags): sums written with it
+    keep the order of the source."""
+    if not (isinstance(a, types.Float) and a == b):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fadd(args[0], args[1], flags=_EXACT)
+
+    return a(a, b), codegen

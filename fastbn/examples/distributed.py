@@ -34,7 +34,8 @@ def make_data(n=1000, n_in=16, n_out=4, seed=0):
 
 def build(comm):
     """The MLP; its batch-norm layers replaced by SyncBatchNorm when ``comm`` is given."""
-    net = MLP(16, [32, 32, 32], 4, weight_scale="he", batch_norm="fastbn", seed=1)
+    # SyncBatchNorm does not fuse the ReLU: the blocks keep NumPy's ReLU apart
+    net = MLP(16, [32, 32, 32], 4, weight_scale="he", batch_norm="fastbn", seed=1, fuse_relu=False)
     if comm is not None:
         from fastbn.distributed import SyncBatchNorm
 

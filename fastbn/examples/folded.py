@@ -66,6 +66,9 @@ def fold_mlp(net):
             if pending is None:
                 raise ValueError(f"{inner!r} does not follow an Affine layer: cannot fold it")
             pending = Affine(*fastbn.fold(pending.W, pending.b, inner, out_axis=1))
+            if inner.activation == "relu":  # fold takes the normalization; the ReLU stays
+                layers += [pending, ReLU()]
+                pending = None
             continue
         if pending is not None:
             layers.append(pending)

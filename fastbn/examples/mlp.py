@@ -2,9 +2,12 @@
 
 Blocks are ``Affine -> BatchNorm -> ReLU`` (``Affine -> ReLU`` without batch norm),
 followed by a final ``Affine`` and a softmax cross-entropy loss. Everything is
-float64. Batch norm is ``fastbn.BatchNorm``, or ``ReferenceBatchNorm`` (the same
-layer computed by the naive ``fastbn.reference`` formulas) for timing comparisons;
-the time spent inside batch-norm calls is accumulated per network.
+float64. By default batch norm and the ReLU after it are one layer,
+``BatchNorm(..., activation="relu")``, which fastbn computes in the same passes
+(``fuse_relu=False``: two layers, the ReLU in NumPy; the same losses). Batch norm is
+``fastbn.BatchNorm``, or ``ReferenceBatchNorm`` (the same layer computed by the naive
+``fastbn.reference`` formulas) for timing comparisons; the time spent inside batch-norm
+calls is accumulated per network.
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
@@ -108,7 +111,9 @@ class ReferenceBatchNorm(fastbn.BatchNorm):
     """``fastbn.BatchNorm`` computed with the naive ``fastbn.reference`` formulas.
 
     Same state, modes and semantics (it is a subclass); only the arithmetic differs.
-    Used as the baseline when timing the batch-norm calls of a training run.
+    Used as the baseline when timing the batch-norm calls of a training run. With
+    ``activation="relu"`` it applies NumPy's ReLU after the reference batch norm (and
+    masks ``dy`` in backward), the composition that fastbn fuses.
     """
 
     def forward(self, x, *, out=None):
@@ -132,6 +137,10 @@ class ReferenceBatchNorm(fastbn.BatchNorm):
             axis=self.axis,
             out=out,
         )
+        self._mask = None
+        if self.activation == "relu":
+            self._mask = y > 0
+            y = np.maximum(y, 0.0, out=y)
         return y
 
     __call__ = forward
@@ -139,6 +148,8 @@ class ReferenceBatchNorm(fastbn.BatchNorm):
     def backward(self, dy, *, out=None):
         if self._cache is None:
             raise RuntimeError("BatchNorm.backward called before forward")
+        if self._mask is not None:
+            dy = dy * self._mask
         dx, self.dgamma, self.dbeta = reference.batch_norm_backward(dy, self._cache, out=out)
         return dx
 
@@ -195,12 +206,18 @@ class MLP:
         Insert a batch-norm layer after each hidden ``Affine``: ``fastbn.BatchNorm`` or
         ``ReferenceBatchNorm``. Both are wrapped in ``TimedLayer``; ``bn_seconds`` is
         the total time spent inside them.
+    fuse_relu : bool
+        With batch norm, True (the default) makes batch norm and the ReLU after it one
+        layer, ``BatchNorm(..., activation="relu")`` (fused in fastbn's passes; so
+        ``bn_seconds`` includes the ReLU); False keeps a separate NumPy ``ReLU`` layer.
     seed : int
         Seeds the weights: the same seed gives the same initial weights whatever
         ``batch_norm`` is.
     """
 
-    def __init__(self, n_in, hidden, n_out, *, weight_scale, batch_norm=None, seed=0):
+    def __init__(
+        self, n_in, hidden, n_out, *, weight_scale, batch_norm=None, seed=0, fuse_relu=True
+    ):
         if batch_norm not in (None, *_BATCH_NORMS):
             raise ValueError(
                 f"batch_norm must be None, 'fastbn' or 'reference', got {batch_norm!r}"
@@ -215,11 +232,15 @@ class MLP:
             self.layers.append(Affine(W.astype(DTYPE), np.zeros(fan_out, DTYPE)))
             if i == len(sizes) - 2:
                 break
+            fused = batch_norm is not None and fuse_relu
             if batch_norm is not None:
-                bn = TimedLayer(_BATCH_NORMS[batch_norm](fan_out, dtype=DTYPE))
+                activation = "relu" if fused else None
+                layer = _BATCH_NORMS[batch_norm](fan_out, dtype=DTYPE, activation=activation)
+                bn = TimedLayer(layer)
                 self.layers.append(bn)
                 self.bn_layers.append(bn)
-            self.layers.append(ReLU())
+            if not fused:
+                self.layers.append(ReLU())
         self.criterion = SoftmaxCrossEntropy()
 
     @property
