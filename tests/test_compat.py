@@ -117,7 +117,8 @@ def test_running_stats_start_as_float64_zeros_at_the_first_forward():
     for r in (layer.running_mean, layer.running_var):
         assert r.dtype == np.float64 and r.shape == (6,) and not r.any()
     assert y.dtype == np.float64  # gamma * xn + beta with float64 running arrays, as the book
-    assert rel(y, x / np.sqrt(1e-6)) < 1e-12
+    # the oracle in float64 (NumPy 1.x would keep float32 / numpy-float64-scalar float32)
+    assert rel(y, x.astype(np.float64) / np.sqrt(1e-6)) < 1e-12
     layer = BatchNormalization(np.ones(6, np.float32), np.zeros(6, np.float32))
     y = layer.forward(x)  # training: float32 output, float64 running arrays
     assert y.dtype == np.float32 and layer.running_mean.dtype == np.float64
