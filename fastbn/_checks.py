@@ -14,6 +14,7 @@ from ._view import (
     _COMPUTE,
     _FLOAT32,
     _FLOAT64,
+    _X_SAMPLES,
     _check_ndarray,
     _describe,
     _native,
@@ -22,40 +23,30 @@ from ._view import (
     view_of,
 )
 
-_X_SAMPLES = 64
-
 _TooHardError = getattr(np, "exceptions", np).TooHardError
 
 
-def fast_channel_params(C, *params):
+def _plain_params(C, x, params):
     """True when every parameter is None or a plain native float32/float64 array of shape
-    (C,)."""
+    ``(C,)`` owning its buffer, and ``x`` and the parameters given are distinct objects:
+    then none can overlap another (the quick form of ``channel_param`` and
+    ``check_disjoint``). An output whose memory fastbn recycles (``fastbn._memory``)
+    owns it through its lease."""
+    seen = [x]
     for p in params:
-        if p is not None and not (
-            type(p) is np.ndarray
-            and (p.dtype is _FLOAT32 or p.dtype is _FLOAT64)
-            and p.ndim == 1
-            and p.shape[0] == C
-        ):
-            return False
-    return True
-
-
-def owned_and_distinct(*arrays):
-    """True when the arrays given (None skipped) each own their buffer and are distinct
-    objects: then none can overlap another (the quick form of ``check_disjoint``). An
-    output whose memory fastbn recycles (``fastbn._memory``) owns it through its lease."""
-    seen = []
-    for a in arrays:
-        if a is None:
+        if p is None:
             continue
-        base = a.base
+        if type(p) is not np.ndarray or (p.dtype is not _FLOAT32 and p.dtype is not _FLOAT64):
+            return False
+        if p.ndim != 1 or p.shape[0] != C:
+            return False
+        base = p.base
         if base is not None and type(base) is not _memory.Lease:
             return False
-        for b in seen:
-            if b is a:
+        for q in seen:
+            if q is p:
                 return False
-        seen.append(a)
+        seen.append(p)
     return True
 
 
@@ -246,9 +237,11 @@ def _overlaps(a, b):
 # -- x modified between forward and backward (best effort) ---------------------------
 
 
-def x_sample(x_flat):
-    """A small strided sample of the flat input, kept in the cache: ``(step, bytes)``."""
-    step = max(1, x_flat.size // _X_SAMPLES)
+def x_sample(x_flat, step=None):
+    """A small strided sample of the flat input, kept in the cache: ``(step, bytes)``
+    (``step``: ``View.sample_step`` of its view, else computed)."""
+    if step is None:
+        step = max(1, x_flat.size // _X_SAMPLES)
     return step, x_flat[::step].tobytes()
 
 
@@ -271,30 +264,67 @@ def check_x_sample(x_flat, sample_of_x):
 # -- one call per operation: every argument checked, the view prepared ---------------------
 
 
-def _quick_forward(x, gamma, beta, training, running_mean, running_var, momentum, eps, axis, ddof):
+def _quick_forward(
+    x, gamma, beta, training, running_mean, running_var, momentum, eps, axis, ddof, out=None
+):  # fmt: skip
     """The View of the common training call when every check of ``forward_args`` would
     pass (plain contiguous float arrays, float eps and momentum, arrays that own their
-    memory), else None."""
+    memory; ``out`` None or such an array of x's shape and dtype), else None."""
+    if out is not None and not _plain_out(out, x):
+        return None
     view = fast_view(x, axis)
-    if (
-        view is not None
-        and training is True
-        and type(eps) is float
-        and 0.0 < eps < math.inf
-        and type(ddof) is int
-        and 0 <= ddof <= 1
-        and view.per_channel > ddof
-        and fast_channel_params(view.C, gamma, beta, running_mean, running_var)
-        and (running_mean is None or running_mean.flags.writeable)
-        and (running_var is None or running_var.flags.writeable)
-        and (
-            (type(momentum) is float and 0.0 <= momentum <= 1.0)
-            or (momentum is None and running_mean is None and running_var is None)
-        )
-        and owned_and_distinct(x, gamma, beta, running_mean, running_var)
-    ):
-        return view
-    return None
+    if view is None or training is not True or type(eps) is not float:
+        return None
+    if not 0.0 < eps < math.inf or type(ddof) is not int or not 0 <= ddof <= 1:
+        return None
+    if type(momentum) is float:
+        if not 0.0 <= momentum <= 1.0:
+            return None
+    elif not (momentum is None and running_mean is None and running_var is None):
+        return None
+    base = x.base
+    if view.count <= ddof or (base is not None and type(base) is not _memory.Lease):
+        return None
+    if not _plain_params(view.C, x, (gamma, beta, running_mean, running_var)):
+        return None
+    if running_mean is not None and not running_mean.flags.writeable:
+        return None
+    if running_var is not None and not running_var.flags.writeable:
+        return None
+    return view
+
+
+def _quick_eval(x, gamma, beta, running_mean, running_var, momentum, eps, axis, ddof, out):
+    """The View of the common eval-mode call (``training=False``) when every check of
+    ``forward_args`` passes (as ``_quick_forward``), else None; raises ``forward_args``'s
+    error for a negative ``running_var``, its last check."""
+    if running_mean is None or running_var is None:
+        return None
+    if out is not None and not _plain_out(out, x):
+        return None
+    view = fast_view(x, axis)
+    if view is None or type(eps) is not float or not 0.0 < eps < math.inf:
+        return None
+    if type(ddof) is not int or not 0 <= ddof <= 1:
+        return None
+    if not (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0)):
+        return None
+    if not _plain_params(view.C, x, (gamma, beta, running_mean, running_var)):
+        return None
+    check_running_var(running_var)
+    return view
+
+
+def _plain_out(out, x):
+    """True when ``out`` is a writable C-contiguous array of ``x``'s shape and dtype that
+    owns its buffer and is not ``x``: then the kernels write it directly and it overlaps
+    no argument that owns its memory (the quick form of ``check_out``)."""
+    if type(out) is not np.ndarray or out is x or out.dtype is not x.dtype:
+        return False
+    if out.shape != x.shape or not out.flags.c_contiguous or not out.flags.writeable:
+        return False
+    base = out.base
+    return base is None or type(base) is _memory.Lease
 
 
 def check_stats(stats, C, training):
@@ -317,12 +347,6 @@ def forward_args(
     """Validate every argument of ``batch_norm`` at once -> ``(x, view, gamma, beta,
     running_mean, running_var, momentum, eps, training, out, ddof)``, checked and
     converted (``x`` native; ``eps``/``momentum`` floats), or raise with a clear message."""
-    if out is None and stats is None:
-        view = _quick_forward(
-            x, gamma, beta, training, running_mean, running_var, momentum, eps, axis, ddof
-        )
-        if view is not None:
-            return x, view, gamma, beta, running_mean, running_var, momentum, eps, True, None, ddof
     x, view = view_of(x, axis)
     C = view.C
     gamma = channel_param(gamma, "gamma", C)

@@ -42,58 +42,62 @@ def params(plan, gamma, beta):
     return _param(gamma, plan.ones), _param(beta, plan.zeros)
 
 
-_NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _kernel_ready(a):
-    """A running array the kernels update as it is: a native float32/float64 one."""
-    return a is not None and a.dtype in _NATIVE
+_FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
 
 
 def _kernel_running(a):
     """``a`` itself when kernels can update it (native float32/float64), else a float64
     copy to be written back (float16, byte-swapped)."""
-    if a is None or (a.dtype.char in "fd" and a.dtype.isnative):
+    if a is None or a.dtype is _FLOAT32 or a.dtype is _FLOAT64:
+        return a
+    if a.dtype.char in "fd" and a.dtype.isnative:
         return a
     return a.astype(np.float64)
 
 
-def forward_train(plan, x, y, gamma, beta, eps, running_mean, running_var, momentum, **kw):
+def forward_train(
+    plan, x, y, gamma, beta, eps, running_mean, running_var, momentum, ddof=1, relu=False,
+    stats=None,
+):  # fmt: skip
     """Normalize flat ``x`` into flat ``y`` with batch statistics, or (``stats=(mean, m2,
     count)``) with given ones; update the running statistics in place, with the batch
-    variance of ``ddof`` (keyword, default 1).
+    variance of ``ddof`` (1: unbiased, 0: biased). ``relu``: then ``max(0, y)``.
 
     ``gamma``/``beta``: from ``params``. Returns the float64 ``(4, C)`` array of
     mean, m2, biased var, invstd, and whether every variance is finite.
     """
-    stats = np.empty((4, plan.C))
-    given = kw.get("stats")
-    if given is None:
+    result = np.empty((4, plan.C))
+    if stats is None:
         n, have_stats = plan.count, False
     else:
-        stats[0], stats[1], n, have_stats = given[0], given[1], float(given[2]), True
-    rm = running_mean if _kernel_ready(running_mean) else _kernel_running(running_mean)
-    rv = running_var if _kernel_ready(running_var) else _kernel_running(running_var)
-    # an absent running array is replaced by a same-dtype stand-in that is not written,
-    # so that the common cases share one compiled signature
-    stand_in = rv if rm is None else rm
-    if stand_in is None:
-        stand_in = _STAND_IN[x.dtype.char]
+        result[0], result[1], n, have_stats = stats[0], stats[1], float(stats[2]), True
+    rm, rv = running_mean, running_var
+    if rm is not None and rm.dtype is not _FLOAT32 and rm.dtype is not _FLOAT64:
+        rm = _kernel_running(rm)
+    if rv is not None and rv.dtype is not _FLOAT32 and rv.dtype is not _FLOAT64:
+        rv = _kernel_running(rv)
     momentum = 0.0 if momentum is None else float(momentum)
-    ddof = float(kw.get("ddof", 1))
-    relu = int(kw.get("relu", False))
-    running = (stand_in if rm is None else rm, stand_in if rv is None else rv, momentum)
-    running += (rm is not None, rv is not None, ddof, n)
-    args = (plan.ints, plan.counts, x, y, gamma, beta, eps, stats, have_stats)
-    args += (_plan.STREAM_BYTES, running, relu)
-    finite, fits = _call(plan, "forward_train", plan.fused, *args)
+    if rm is not None and rv is not None:
+        running = (rm, rv, momentum, True, True, float(ddof), n)
+    else:
+        # an absent running array is replaced by a same-dtype stand-in that is not
+        # written, so that the common cases share one compiled signature
+        stand_in = rv if rm is None else rm
+        if stand_in is None:
+            stand_in = _STAND_IN[x.dtype.char]
+        pair = (stand_in if rm is None else rm, stand_in if rv is None else rv)
+        running = pair + (momentum, rm is not None, rv is not None, float(ddof), n)
+    args = (plan.ints, plan.counts, x, y, gamma, beta, eps, result, have_stats)
+    finite, fits = _call(
+        plan, "forward_train", plan.fused, *args, _plan.STREAM_BYTES, running, 1 if relu else 0
+    )
     if not fits:
-        _affine_float64(plan, y, x, stats[0], stats[3] * gamma, beta, relu=relu)
+        _affine_float64(plan, y, x, result[0], result[3] * gamma, beta, relu=relu)
     if rm is not running_mean:
         running_mean[...] = rm
     if rv is not running_var:
         running_var[...] = rv
-    return stats, finite
+    return result, finite
 
 
 def forward_eval(plan, x, y, gamma, beta, eps, mean, var, relu=False):
@@ -132,11 +136,13 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training, n=None, sums=None, 
     grads = np.empty((2, C))
     have_sums = sums is not None
     sums = np.array(sums, np.float64) if have_sums else np.empty((2, C))
-    n = float(plan.outer * plan.inner) if n is None else float(n)
+    n = plan.count if n is None else float(n)
     gamma = _param(gamma, plan.ones)
-    args = (plan.ints, dy, x, dx, mean, invstd, gamma, n, bool(training), grads, sums)
     relu = fwork is not None
-    args += (have_sums, _plan.STREAM_BYTES, fwork if relu else _NO_FWORK[x.dtype.char], int(relu))
+    if not relu:
+        fwork = _NO_FWORK[x.dtype.char]
+    args = (plan.ints, dy, x, dx, mean, invstd, gamma, n, bool(training), grads, sums)
+    args += (have_sums, _plan.STREAM_BYTES, fwork, 1 if relu else 0)
     if not _call(plan, "backward", plan.fused and not have_sums, *args):
         if relu:  # redo as the composition, whose float64 path follows
             dy = _activation.masked_dy(plan, dy, x, fwork)

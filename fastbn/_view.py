@@ -47,6 +47,8 @@ def _check_ndarray(a, name):
 
 _FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
 _FAST_DTYPES = (_FLOAT32, _FLOAT64)
+# values of x sampled into a cache, to notice that x changed before backward (``_checks``)
+_X_SAMPLES = 64
 
 
 def check_array(a, name):
@@ -74,7 +76,7 @@ class View:
     """
 
     __slots__ = ("shape", "axis", "outer", "C", "inner", "channels_last", "dtype", "compute")
-    __slots__ += ("plan", "small")
+    __slots__ += ("plan", "small", "count", "sample_step")
 
     def __init__(self, shape, axis, channels_last, dtype):
         self.shape, self.axis, self.channels_last = shape, axis, channels_last
@@ -89,11 +91,13 @@ class View:
         self.plan = _plan.plan_for(self.outer, self.C, self.inner, self.compute.itemsize)
         # outputs too small for recycled memory (``fastbn._memory``)
         self.small = math.prod(shape) * self.compute.itemsize < _memory.MIN_BYTES
+        self.count = self.outer * self.inner  # values per channel
+        self.sample_step = max(1, math.prod(shape) // _X_SAMPLES)  # see ``_checks.x_sample``
 
     @property
     def per_channel(self):
         """Number of values each channel's statistics are taken over."""
-        return self.outer * self.inner
+        return self.count
 
     def _moved_shape(self):
         return self.shape[: self.axis] + self.shape[self.axis + 1 :] + (self.C,)

@@ -40,7 +40,7 @@ class BatchNormCache:
         self.gamma_dtype = None if gamma is None else gamma.dtype
         self.beta_dtype = None if beta is None else beta.dtype
         self.stats, self.training = stats, training
-        self.x_sample = _checks.x_sample(x_flat)
+        self.x_sample = _checks.x_sample(x_flat, view.sample_step)
         self.count = None
         self.activation, self.beta = activation, beta_copy
 
@@ -162,6 +162,19 @@ def batch_norm(
     with those NaN (as in PyTorch).
     """
     activation = _activation.check_activation(activation)
+    if stats is None:
+        args = (x, gamma, beta, training, running_mean, running_var, momentum, eps, axis)
+        view = _checks._quick_forward(*args, running_var_ddof, out)
+        if view is not None:
+            args = (view, x, gamma, beta, running_mean, running_var, momentum, eps)
+            return _train(*args, activation, running_var_ddof, out)
+        if training is False:
+            args = (x, gamma, beta, running_mean, running_var, momentum, eps, axis)
+            view = _checks._quick_eval(*args, running_var_ddof, out)
+            if view is not None:
+                return _evaluate(
+                    view, x, gamma, beta, running_mean, running_var, eps, activation, out
+                )
     relu = activation is not None
     if stats is not None:
         _stats.check_stats_type(stats)
@@ -242,6 +255,10 @@ def batch_norm_backward(dy, cache, *, out=None, sums=None):
     Raises ``ValueError`` when ``x`` was visibly modified since the forward call
     (a sample of its values is compared; see ``BatchNormCache``).
     """
+    if out is None and sums is None and type(cache) is BatchNormCache:
+        result = _backward_quick(dy, cache)
+        if result is not None:
+            return result
     dy, out = _checks.backward_args(dy, cache, out, BatchNormCache)
     if sums is not None:
         sums = _stats.check_sums(sums, cache)
@@ -278,27 +295,80 @@ def batch_norm_backward(dy, cache, *, out=None, sums=None):
     return dx, dgamma, dbeta
 
 
+def _train(
+    view, x, gamma, beta, running_mean, running_var, momentum, eps, activation, ddof, out=None
+):  # fmt: skip
+    """``batch_norm`` in training mode without ``stats``, for arguments that every check
+    passes as they are (``_checks._quick_forward``): ``x`` a plain C-contiguous array of
+    ``view``'s shape and dtype owning its memory; ``gamma``, ``beta`` and the running
+    arrays None or native contiguous float arrays of shape ``(C,)`` owning theirs (the
+    running ones writable); float ``eps`` and ``momentum``; ``out`` None or a writable
+    C-contiguous array like ``x`` owning its memory."""
+    x_flat = x.ravel()
+    y, y_flat = view.empty() if out is None else (out, out.ravel())
+    relu = activation is not None
+    plan = view.plan
+    kernel_gamma, kernel_beta = _launch.params(plan, gamma, beta)
+    stats, finite = _launch.forward_train(
+        plan, x_flat, y_flat, kernel_gamma, kernel_beta, eps, running_mean, running_var,
+        momentum, ddof, relu,
+    )  # fmt: skip
+    if not finite:
+        _warn_overflow(stats[2])
+    gamma_copy = None if gamma is None else np.array(kernel_gamma)  # a snapshot for backward
+    beta_copy = (None if beta is None else np.array(kernel_beta)) if relu else None
+    args = (gamma_copy, gamma, beta, stats, True, activation, beta_copy)
+    return y, BatchNormCache(x, x_flat, view, *args)
+
+
+def _evaluate(view, x, gamma, beta, running_mean, running_var, eps, activation, out):
+    """``batch_norm(..., training=False)`` without ``stats``, for arguments that every
+    check passes as they are (``_checks._quick_eval``; ``_train``'s conditions)."""
+    x_flat = x.ravel()
+    y, y_flat = view.empty() if out is None else (out, out.ravel())
+    relu = activation is not None
+    plan = view.plan
+    kernel_gamma, kernel_beta = _launch.params(plan, gamma, beta)
+    stats = _launch.forward_eval(
+        plan, x_flat, y_flat, kernel_gamma, kernel_beta, eps, running_mean, running_var, relu
+    )
+    gamma_copy = None if gamma is None else np.array(kernel_gamma)  # a snapshot for backward
+    beta_copy = (None if beta is None else np.array(kernel_beta)) if relu else None
+    args = (gamma_copy, gamma, beta, stats, False, activation, beta_copy)
+    return y, BatchNormCache(x, x_flat, view, *args)
+
+
 def train_again(view, x, gamma, beta, running_mean, running_var, momentum, eps, activation):
     """``batch_norm(x, gamma, beta, training=True, running_mean=..., running_var=...,
     momentum=momentum, eps=eps, axis=view.axis, activation=activation)`` for a caller
     that has checked that every argument is what an earlier successful call of that
-    form validated: ``x`` a plain C-contiguous array of ``view``'s shape and dtype
-    owning its memory, the same parameter and running arrays (native, contiguous,
-    writable, ``view``'s dtype), float ``eps`` and ``momentum``. Skips the checks; the
-    layer's path for repeated calls."""
-    x_flat = x.reshape(-1)
-    y, y_flat = view.empty()
-    relu = activation is not None
-    stats, finite = _launch.forward_train(
-        view.plan, x_flat, y_flat, gamma, beta, eps, running_mean, running_var, momentum,
-        relu=relu,
-    )  # fmt: skip
-    if not finite:
-        _warn_overflow(stats[2])
-    gamma_copy = None if gamma is None else np.array(gamma)  # a snapshot for backward
-    beta_copy = (None if beta is None else np.array(beta)) if relu else None
-    args = (gamma_copy, gamma, beta, stats, True, activation, beta_copy)
-    return y, BatchNormCache(x, x_flat, view, *args)
+    form validated (``_train``'s conditions, gamma, beta and the running arrays of
+    ``view``'s dtype). Skips the checks; the layer's path for repeated calls."""
+    return _train(view, x, gamma, beta, running_mean, running_var, momentum, eps, activation, 1)
+
+
+def _backward_quick(dy, cache):
+    """``batch_norm_backward(dy, cache)`` of the common call, or None when it is not one:
+    a plain C-contiguous ``dy`` of the forward's shape and storage dtype (float32 or
+    float64, not channels-last), a cache without ``stats=``."""
+    view = cache.view
+    if cache.count is not None or view.channels_last:
+        return None
+    if type(dy) is not np.ndarray or dy.dtype is not view.dtype or view.dtype is not view.compute:
+        return None
+    if dy.shape != view.shape or not dy.flags.c_contiguous or not dy.size:
+        return None
+    _checks.check_x_sample(cache.x_flat, cache.x_sample)
+    dx, dx_flat = view.empty()
+    dy_flat, fwork = dy.ravel(), None
+    if cache.activation is not None:
+        dy_flat, fwork = _activation.backward_inputs(cache, dy_flat)
+    stats = cache.stats
+    args = (cache.x_flat, dx_flat, stats[0], stats[3], cache.gamma, cache.training)
+    dgamma_raw, sum_dy, _ = _launch.backward(view.plan, dy_flat, *args, fwork=fwork)
+    dgamma = None if cache.gamma_dtype is None else dgamma_raw.astype(cache.gamma_dtype, copy=False)
+    dbeta = None if cache.beta_dtype is None else sum_dy.astype(cache.beta_dtype, copy=False)
+    return dx, dgamma, dbeta
 
 
 def _output(view, out):

@@ -22,7 +22,7 @@ from .coefficients import any_clamped, new_work, working
 from .gradsums import gradsums_parallel, gradsums_serial, merge_sums
 from .jit import exact, operations
 from .layout import CHANNELS, NBLOCKS, W_DY_MEAN, W_DY_SCALE, W_MEAN, W_OFFSET, W_SCALE
-from .moments import merge_moments, moments_parallel, moments_serial, normalizer
+from .moments import merge_moments, moments_parallel, moments_serial, normalizers
 
 _PASSES = dict(
     moments_pass=(moments_serial, moments_parallel),
@@ -126,8 +126,7 @@ def _forward_eval(plan, x, y, gamma, beta, eps, stats, stream_bytes, relu):
     mean, var, invstd = stats[0], stats[2], stats[3]
     C = mean.shape[0]
     scale = np.empty(C)
-    for c in range(C):
-        normalizer(var, gamma, eps, invstd, scale, c)
+    normalizers(var, gamma, eps, invstd, scale)
     stub = new_work(y, 0)  # fwork: not read by a forward pass
     args = (mean, scale, beta, scale, mean, 1.0, False, stream_bytes, stub, relu)
     return not affine_op(plan, x, x, y, *args)

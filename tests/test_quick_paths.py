@@ -1,0 +1,143 @@
+"""The common calls skip the full checks when every check would pass (``_checks._quick_*``,
+``functional._backward_quick``). These tests hold the quick paths to the checked path:
+the same bits for the same values, and the same errors where a quick path still checks.
+
+The checked path is forced by passing arrays that do not own their memory (views of
+larger buffers), which the quick checks refuse; the values are the same.
+"""
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn import _checks, functional
+
+SHAPES = [(64, 48), (16, 6, 5, 7), (9, 3, 33)]
+
+
+def _view_of_copy(a):
+    """``a``'s values in an array that does not own its memory (the checked path)."""
+    big = np.empty((2,) + a.shape, a.dtype)
+    big[0] = a
+    return big[0]
+
+
+def _arrays(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    C = shape[1]
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    params = [
+        rng.uniform(0.5, 1.5, C).astype(dtype),
+        rng.standard_normal(C).astype(dtype),
+        rng.standard_normal(C).astype(dtype),
+        rng.uniform(0.5, 2.0, C).astype(dtype),
+    ]
+    return x, dy, params
+
+
+def _forward(x, params, training, out, activation):
+    gamma, beta, rm, rv = params
+    y, cache = fastbn.batch_norm(
+        x, gamma, beta, training=training, running_mean=rm, running_var=rv,
+        momentum=0.25, eps=1e-4, out=out, activation=activation,
+    )  # fmt: skip
+    return y, cache
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("with_out", [False, True])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_quick_and_checked_paths_give_the_same_bits(shape, dtype, training, with_out, activation):
+    x, dy, params = _arrays(shape, dtype)
+    quick_params = [p.copy() for p in params]
+    checked_params = [_view_of_copy(p) for p in params]
+    x_checked = _view_of_copy(x)
+    # the quick checks accept the first form and refuse the second
+    args = (x, *quick_params[:2], training, *quick_params[2:], 0.25, 1e-4, 1, 1, None)
+    if training:
+        assert _checks._quick_forward(*args) is not None
+    else:
+        assert _checks._quick_eval(*args[:3], *args[4:]) is not None
+    args = (x_checked, *checked_params[:2], training, *checked_params[2:], 0.25, 1e-4, 1, 1, None)
+    assert _checks._quick_forward(*args) is None
+    assert _checks._quick_eval(*args[:3], *args[4:]) is None
+
+    out_quick = np.full(shape, 7, dtype) if with_out else None
+    out_checked = _view_of_copy(np.full(shape, 7, dtype)) if with_out else None
+    y1, cache1 = _forward(x, quick_params, training, out_quick, activation)
+    y2, cache2 = _forward(x_checked, checked_params, training, out_checked, activation)
+    if with_out:
+        assert y1 is out_quick and y2 is out_checked
+    np.testing.assert_array_equal(y1, y2)
+    for a, b in zip(quick_params, checked_params):  # running statistics updated alike
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(cache1.mean, cache2.mean)
+    np.testing.assert_array_equal(cache1.invstd, cache2.invstd)
+    # the quick backward (plain dy) against the checked one (a dy that is a view)
+    assert functional._backward_quick(dy, cache1) is not None
+    dx1, dg1, db1 = fastbn.batch_norm_backward(dy, cache1)
+    dx2, dg2, db2 = fastbn.batch_norm_backward(_view_of_copy(dy)[:, ::-1][:, ::-1], cache2)
+    np.testing.assert_array_equal(dx1, dx2)
+    np.testing.assert_array_equal(dg1, dg2)
+    np.testing.assert_array_equal(db1, db2)
+    assert dx1.dtype == dtype and dg1.dtype == dtype
+
+
+def test_quick_forward_matches_the_reference():
+    """An oracle independent of both paths: the naive NumPy reference."""
+    x, dy, params = _arrays((100, 100), np.float64, seed=3)
+    ref_params = [p.copy() for p in params]
+    y, cache = _forward(x, params, True, None, None)
+    gamma, beta, rm, rv = ref_params
+    y_ref, cache_ref = fastbn.reference.batch_norm(
+        x, gamma, beta, training=True, running_mean=rm, running_var=rv, momentum=0.25, eps=1e-4
+    )
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(params[2], rm, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(params[3], rv, rtol=1e-12)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, cache)
+    dx_ref, dgamma_ref, dbeta_ref = fastbn.reference.batch_norm_backward(dy, cache_ref)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dgamma, dgamma_ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dbeta, dbeta_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_quick_eval_raises_the_checked_paths_error_for_a_negative_running_var():
+    x, _, (gamma, beta, rm, rv) = _arrays((8, 4), np.float64)
+    rv[2] = -0.5
+    messages = []
+    for var in (rv, _view_of_copy(rv)):  # quick, then checked
+        with pytest.raises(ValueError) as info:
+            fastbn.batch_norm(x, gamma, beta, training=False, running_mean=rm, running_var=var)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    assert "running_var must be >= 0" in messages[0]
+
+
+@pytest.mark.parametrize(
+    "make_out",
+    [
+        lambda x: x,  # out is x
+        lambda x: x.reshape(-1).reshape(x.shape),  # a view of x
+        lambda x: np.empty(x.shape, np.float64),  # another dtype
+        lambda x: np.empty(x.shape[::-1], x.dtype).T,  # not C-contiguous
+        lambda x: np.empty((x.shape[0] + 1,) + x.shape[1:], x.dtype),  # another shape
+    ],
+)
+def test_an_out_the_quick_check_refuses_goes_through_the_checked_path(make_out):
+    x, _, (gamma, beta, rm, rv) = _arrays((16, 8), np.float32)
+    out = make_out(x)
+    assert not _checks._plain_out(out, x)
+    rm_before, rv_before = rm.copy(), rv.copy()
+    try:
+        y, _ = fastbn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, out=out)
+    except (TypeError, ValueError) as error:  # what the checked path says of it
+        assert "out" in str(error)
+        np.testing.assert_array_equal(rm, rm_before)  # a failed call changed nothing
+        np.testing.assert_array_equal(rv, rv_before)
+        return
+    y_plain, _ = fastbn.batch_norm(x, gamma, beta, running_mean=rm_before, running_var=rv_before)
+    np.testing.assert_array_equal(y, y_plain)
