@@ -255,9 +255,9 @@ def affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, relu
         store_fence()
 
 
-def _affine(plan, *args):
+def _affine(plan, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, relu):
     for t in numba.prange(plan[AFFINE_TASKS]):
-        affine_task(plan, t, *args)
+        affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, relu)
 
 
 affine_serial, affine_parallel = drivers(_affine)

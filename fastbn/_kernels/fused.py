@@ -53,9 +53,15 @@ def _forward_task(
     affine_task(plan, t, x, x, y, w[0], w[1], w[2], w[3], w[4], False, stream, work, relu)
 
 
-def _forward(plan, *args):
+def _forward(
+    plan, x, y, gamma, beta, eps, counts, s1, s2, shift, stats, have_stats, n, scale, work,
+    stream, relu,
+):  # fmt: skip
     for t in numba.prange(plan[NTASKS]):
-        _forward_task(plan, t, *args)
+        _forward_task(
+            plan, t, x, y, gamma, beta, eps, counts, s1, s2, shift, stats, have_stats, n,
+            scale, work, stream, relu,
+        )  # fmt: skip
 
 
 forward_serial, forward_parallel = drivers(_forward)
@@ -103,9 +109,15 @@ def _backward_task(
         affine_task(plan, t, dy, dy, dx, w[0], w[1], w[2], w[3], w[4], False, stream, work, 0)
 
 
-def _backward(plan, *args):
+def _backward(
+    plan, dy, x, dx, mean, invstd, gamma, n, training, s1, s2, grads, coef, work, stream,
+    fwork, relu,
+):  # fmt: skip
     for t in numba.prange(plan[NTASKS]):
-        _backward_task(plan, t, *args)
+        _backward_task(
+            plan, t, dy, x, dx, mean, invstd, gamma, n, training, s1, s2, grads, coef, work,
+            stream, fwork, relu,
+        )  # fmt: skip
 
 
 backward_serial, backward_parallel = drivers(_backward)

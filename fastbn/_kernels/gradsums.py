@@ -198,9 +198,9 @@ def gradsums_task(plan, t, dy, x, mean, s1, s2, fwork, relu):
         _gradsums_planes(dy, x, C, inner, lo, hi, c0, mean, s1[b], s2[b])
 
 
-def _gradsums(plan, *args):
+def _gradsums(plan, dy, x, mean, s1, s2, fwork, relu):
     for t in numba.prange(plan[NTASKS]):
-        gradsums_task(plan, t, *args)
+        gradsums_task(plan, t, dy, x, mean, s1, s2, fwork, relu)
 
 
 gradsums_serial, gradsums_parallel = drivers(_gradsums)

@@ -98,9 +98,9 @@ def moments_task(plan, t, x, s1, s2, shift):
         _moments_planes(x, C, _U(plan[INNER]), lo, hi, c0, s1[b], s2[b], shift[b])
 
 
-def _moments(plan, *args):
+def _moments(plan, x, s1, s2, shift):
     for t in numba.prange(plan[NTASKS]):
-        moments_task(plan, t, *args)
+        moments_task(plan, t, x, s1, s2, shift)
 
 
 moments_serial, moments_parallel = drivers(_moments)
