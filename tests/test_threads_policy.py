@@ -116,3 +116,23 @@ def test_choice_ignores_a_single_slow_call():
     _feed(choice, {0: 100.0, 1: 40.0})
     choice.record(1, 1e6)  # one parallel call delayed by the scheduler
     assert choice.mode() == 1 or choice.countdown <= 0
+
+
+def test_choice_does_not_count_the_call_that_wakes_a_mode_up():
+    """After serial calls the OpenMP threads sleep: the first parallel call of a try is
+    slow, the next ones are not. The try's first call is not kept, so once the parallel
+    mode is faster again (awake) the choice goes back to it; kept, the slow first call
+    made every try lose and serial stayed chosen."""
+    choice = _choice.Choice()
+    _feed(choice, {0: 100.0, 1: 400.0})  # a busy phase: serial chosen
+    picked, last = [], 0
+    for _ in range(400):  # the load is gone: parallel wakes up slowly, then is fast
+        mode = choice.mode()
+        choice.record(mode, (40.0 if last == 1 else 1000.0) if mode == 1 else 100.0)
+        picked.append(mode)
+        last = mode
+    assert picked[-100:].count(1) >= 90
+    # a mode that stays slow once awake still loses its tries
+    choice = _choice.Choice()
+    picked = _feed(choice, {0: 40.0, 1: 100.0})
+    assert picked[-100:].count(0) >= 90
