@@ -9,6 +9,13 @@ in parallel and keeps running whichever mode has been faster lately, trying the 
 mode now and then (after ``PROBE_EVERY`` calls, less often while it keeps losing) so
 that it follows the machine as its load changes.
 
+The parallel mode is first tried once the serial one has run ``PARALLEL_AFTER_NS`` (0.5 s)
+of this operation on this plan in this process: a short session (a notebook's first
+calls) does not compile the parallel targets (about half of a cold first call's compile
+time), a training loop reaches them within its first second. ``python -m fastbn warmup``
+compiles both (``delay(0)``: with no delay each mode is timed from the first call, the
+parallel one first); so does the benchmark, which measures the steady state.
+
 A try is ``TRY_CALLS`` consecutive calls of the other mode, and its first is not kept:
 after a streak of serial calls the OpenMP threads sleep, and the call that wakes them
 costs more than the parallel calls that would follow it (NCHW (32, 16, 8, 8) float32
@@ -16,12 +23,14 @@ forward: 30+ us against 10.7 us warm, serial 17.6 us). Kept, that first call mad
 try of the parallel mode lose, and the serial mode stayed chosen although slower.
 """
 
+import contextlib
 import time
 
 PROBE_EVERY = 16  # calls between two tries of the mode not in use
 _MAX_INTERVAL = 64
 _KEPT = 3  # times kept per mode; the estimate is their minimum (noise only adds time)
 TRY_CALLS = 2  # calls per try of the other mode; the first wakes it up and is not kept
+PARALLEL_AFTER_NS = 500_000_000  # serial time before the first parallel call (read per call)
 
 _clock = time.perf_counter_ns
 
@@ -32,7 +41,7 @@ class Choice:
     of a try), the countdown to the next try of the mode not in use, and the calls
     left in a try under way."""
 
-    __slots__ = ("times", "seen", "countdown", "interval", "trying")
+    __slots__ = ("times", "seen", "countdown", "interval", "trying", "serial_ns")
 
     def __init__(self):
         self.times = ([], [])  # serial, parallel
@@ -40,6 +49,7 @@ class Choice:
         self.countdown = PROBE_EVERY
         self.interval = PROBE_EVERY
         self.trying = 0  # calls left in the current try
+        self.serial_ns = 0  # serial time kept before the first parallel call
 
     def _best(self):
         serial, parallel = self.times
@@ -47,6 +57,9 @@ class Choice:
 
     def mode(self):
         """1 (parallel) or 0 (serial) for the next call."""
+        if PARALLEL_AFTER_NS and not self.seen[1]:  # serial until the delay is spent
+            if len(self.times[0]) < 2 or self.serial_ns < PARALLEL_AFTER_NS:
+                return 0
         if len(self.times[1]) < 2:
             return 1
         if len(self.times[0]) < 2:
@@ -73,6 +86,8 @@ class Choice:
             return  # the first call may have compiled
         if not self.trying:
             self._keep(mode, nanoseconds)
+            if not self.seen[1]:
+                self.serial_ns += nanoseconds
             return
         self.trying -= 1
         if self.trying == TRY_CALLS - 1:
@@ -82,6 +97,18 @@ class Choice:
             lost = self._best() != mode
             self.interval = min(2 * self.interval, _MAX_INTERVAL) if lost else PROBE_EVERY
             self.countdown = self.interval
+
+
+@contextlib.contextmanager
+def delay(nanoseconds):
+    """Within the block, the serial time before a plan's first parallel call (new plans'
+    and those not yet past it); ``delay(0)`` times both modes from the first calls."""
+    global PARALLEL_AFTER_NS
+    saved, PARALLEL_AFTER_NS = PARALLEL_AFTER_NS, int(nanoseconds)
+    try:
+        yield
+    finally:
+        PARALLEL_AFTER_NS = saved
 
 
 def run(choice, serial, parallel, parallel_call, args):

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from . import _compile_notice
+from . import _choice, _compile_notice
 
 __all__ = ["warmup", "kernel_cache_stats"]
 
@@ -92,6 +92,19 @@ def _check_arguments(dtype, serial_only, quiet):
             raise TypeError(f"warmup: {name} must be a bool, got {type(value).__name__}")
 
 
+def _run_jobs(jobs, steps, quiet):
+    for i, (name, family, target, shape) in enumerate(jobs, 1):
+        t0, c0 = time.perf_counter(), kernel_cache_stats()["compiled"]
+        _training_step(shape, np.dtype(name))
+        seconds = time.perf_counter() - t0
+        compiled = kernel_cache_stats()["compiled"] - c0
+        steps.append((name, family, target, seconds, compiled))
+        if not quiet:
+            what = f"{name} {target} {family} {shape}"
+            done = f"compiled {compiled} functions" if compiled else "from cache"
+            _say(f"[{i:2d}/{len(jobs)}] {what}: {seconds:.1f} s ({done})")
+
+
 def warmup(dtype="both", *, serial_only=False, quiet=False):
     """Compile and cache every kernel target a training loop uses.
 
@@ -115,16 +128,8 @@ def warmup(dtype="both", *, serial_only=False, quiet=False):
     start, before = time.perf_counter(), kernel_cache_stats()
     steps = []
     try:
-        for i, (name, family, target, shape) in enumerate(jobs, 1):
-            t0, c0 = time.perf_counter(), kernel_cache_stats()["compiled"]
-            _training_step(shape, np.dtype(name))
-            seconds = time.perf_counter() - t0
-            compiled = kernel_cache_stats()["compiled"] - c0
-            steps.append((name, family, target, seconds, compiled))
-            if not quiet:
-                what = f"{name} {target} {family} {shape}"
-                done = f"compiled {compiled} functions" if compiled else "from cache"
-                _say(f"[{i:2d}/{len(jobs)}] {what}: {seconds:.1f} s ({done})")
+        with _choice.delay(0):  # the parallel targets from the first call
+            _run_jobs(jobs, steps, quiet)
     finally:
         _compile_notice.set_compile_notice(notice)
     after = kernel_cache_stats()

@@ -32,8 +32,9 @@ def test_forked_child_computes_after_the_parent_ran_parallel_kernels():
     """GNU OpenMP terminates a forked child that enters a parallel region its parent's
     runtime started; the child must run the serial kernels instead, with the same bits."""
     x, y = _parallel_input()
-    with fastbn.num_threads(fastbn.get_num_threads()):
-        fastbn.batch_norm(x)  # the parent's pool is running now
+    with fastbn.num_threads(fastbn.get_num_threads()), _choice.delay(0):
+        fastbn.batch_norm(x)  # the parallel target first: the parent's pool is running now
+    assert _threading._started
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_child, args=(x, queue))
@@ -80,6 +81,12 @@ def test_one_thread_runs_the_serial_kernels_with_the_same_bits():
     assert y1.tobytes() == y.tobytes()
 
 
+@pytest.fixture(autouse=False)
+def no_delay():
+    with _choice.delay(0):
+        yield
+
+
 def _feed(choice, times):
     """Run ``choice`` over calls that take ``times[mode]`` ns; the modes it picked."""
     picked = []
@@ -90,7 +97,7 @@ def _feed(choice, times):
     return picked
 
 
-def test_choice_keeps_the_faster_mode_and_tries_the_other_now_and_then():
+def test_choice_keeps_the_faster_mode_and_tries_the_other_now_and_then(no_delay):
     choice = _choice.Choice()
     picked = _feed(choice, {0: 100.0, 1: 40.0})  # parallel faster
     # each mode timed first (its first call, which may compile, is not counted)
@@ -102,7 +109,7 @@ def test_choice_keeps_the_faster_mode_and_tries_the_other_now_and_then():
     assert picked[6:].count(1) <= 8 and choice.interval > _choice.PROBE_EVERY  # backs off
 
 
-def test_choice_follows_a_change_of_load():
+def test_choice_follows_a_change_of_load(no_delay):
     choice = _choice.Choice()
     _feed(choice, {0: 100.0, 1: 40.0})
     picked = _feed(choice, {0: 100.0, 1: 400.0})  # parallel becomes slow: switch
@@ -111,14 +118,14 @@ def test_choice_follows_a_change_of_load():
     assert picked[-100:].count(1) >= 90
 
 
-def test_choice_ignores_a_single_slow_call():
+def test_choice_ignores_a_single_slow_call(no_delay):
     choice = _choice.Choice()
     _feed(choice, {0: 100.0, 1: 40.0})
     choice.record(1, 1e6)  # one parallel call delayed by the scheduler
     assert choice.mode() == 1 or choice.countdown <= 0
 
 
-def test_choice_does_not_count_the_call_that_wakes_a_mode_up():
+def test_choice_does_not_count_the_call_that_wakes_a_mode_up(no_delay):
     """After serial calls the OpenMP threads sleep: the first parallel call of a try is
     slow, the next ones are not. The try's first call is not kept, so once the parallel
     mode is faster again (awake) the choice goes back to it; kept, the slow first call
@@ -136,3 +143,14 @@ def test_choice_does_not_count_the_call_that_wakes_a_mode_up():
     choice = _choice.Choice()
     picked = _feed(choice, {0: 40.0, 1: 100.0})
     assert picked[-100:].count(0) >= 90
+
+
+def test_choice_runs_serial_until_the_delay_is_spent():
+    """Parallel targets are compiled only once the serial mode has run PARALLEL_AFTER_NS
+    of an operation (a short session never compiles them): here 1000 ns of 100 ns calls."""
+    with _choice.delay(1000):
+        choice = _choice.Choice()
+        picked = _feed(choice, {0: 100.0, 1: 40.0})
+    # the first serial call is not kept (it may compile); ten kept calls reach 1000 ns
+    assert picked[:11] == [0] * 11 and picked[11] == 1
+    assert picked[-100:].count(1) >= 90  # then the faster mode, as without a delay

@@ -257,7 +257,7 @@ def affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, relu
 
 def _affine(plan, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, relu):
     for t in numba.prange(plan[AFFINE_TASKS]):
-        affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, relu)
+        affine_task(plan, np.int64(t), x, dy, out, m, p, q, g, d, with_dy, stream, fwork, relu)
 
 
 affine_serial, affine_parallel = drivers(_affine)

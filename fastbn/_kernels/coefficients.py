@@ -47,12 +47,13 @@ def _working_channel(m, p, q, g, dsum, n, center, c, work):
     (1 / n)`` when ``center`` (else 0) into column ``c`` of ``work``, clamping and
     flagging what does not fit."""
     d = dsum * (1.0 / n) if center else 0.0
-    clamped = _narrow(work, W_MEAN, c, m[c])
-    clamped |= _narrow(work, W_SCALE, c, p[c])
-    clamped |= _narrow(work, W_DY_SCALE, c, g[c])
-    clamped |= _narrow(work, W_DY_MEAN, c, d)
+    # rows as int64 values, not literals: one compilation of _narrow, not one per row
+    clamped = _narrow(work, np.int64(W_MEAN), c, m[c])
+    clamped |= _narrow(work, np.int64(W_SCALE), c, p[c])
+    clamped |= _narrow(work, np.int64(W_DY_SCALE), c, g[c])
+    clamped |= _narrow(work, np.int64(W_DY_MEAN), c, d)
     offset = _offset(m[c], work[W_MEAN, c], p[c], q[c], g[c], work[W_DY_MEAN, c])
-    clamped |= _narrow(work, W_OFFSET, c, offset)
+    clamped |= _narrow(work, np.int64(W_OFFSET), c, offset)
     work[W_CLAMPED, c] = 1.0 if clamped else 0.0
 
 

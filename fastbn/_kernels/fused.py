@@ -9,6 +9,7 @@ channel, so both paths give the same bits.
 """
 
 import numba
+import numpy as np
 
 from .affine import affine_task
 from .coefficients import working_channel
@@ -48,9 +49,9 @@ def _forward_task(
         mean[t], m2[t] = merge_channel(s1, s2, shift, counts, t)
     var[t] = m2[t] / n
     normalizer(var, gamma, eps, invstd, scale, t)
-    working_channel(mean, scale, beta, scale, 0.0, 1.0, False, t, work)
+    working_channel(mean, scale, beta, scale, 0.0, 1.0, np.bool_(False), t, work)
     w = (work[W_MEAN], work[W_SCALE], work[W_OFFSET], work[W_DY_SCALE], work[W_DY_MEAN])
-    affine_task(plan, t, x, x, y, w[0], w[1], w[2], w[3], w[4], False, stream, work, relu)
+    affine_task(plan, t, x, x, y, w[0], w[1], w[2], w[3], w[4], np.bool_(False), stream, work, relu)
 
 
 def _forward(
@@ -59,7 +60,7 @@ def _forward(
 ):  # fmt: skip
     for t in numba.prange(plan[NTASKS]):
         _forward_task(
-            plan, t, x, y, gamma, beta, eps, counts, s1, s2, shift, stats, have_stats, n,
+            plan, np.int64(t), x, y, gamma, beta, eps, counts, s1, s2, shift, stats, have_stats, n,
             scale, work, stream, relu,
         )  # fmt: skip
 
@@ -99,14 +100,46 @@ def _backward_task(
     g, p, q = coef[0], coef[1], coef[2]
     w = (work[W_MEAN], work[W_SCALE], work[W_OFFSET], work[W_DY_SCALE], work[W_DY_MEAN])
     if training:
-        working_channel(mean, p, q, g, grads[1, t], n, True, t, work)
-        affine_task(plan, t, x, dy, dx, w[0], w[1], w[2], w[3], w[4], True, stream, fwork, relu)
+        working_channel(mean, p, q, g, grads[1, t], n, np.bool_(True), t, work)
+        affine_task(
+            plan, t, x, dy, dx, w[0], w[1], w[2], w[3], w[4], np.bool_(True), stream, fwork, relu
+        )
     elif relu:  # (masked dy - 0) * g + 0
-        working_channel(q, q, q, g, 0.0, 1.0, False, t, work)
-        affine_task(plan, t, x, dy, dx, w[0], w[1], w[2], w[3], w[4], True, stream, fwork, 2)
+        working_channel(q, q, q, g, 0.0, 1.0, np.bool_(False), t, work)
+        affine_task(
+            plan,
+            t,
+            x,
+            dy,
+            dx,
+            w[0],
+            w[1],
+            w[2],
+            w[3],
+            w[4],
+            np.bool_(True),
+            stream,
+            fwork,
+            np.int64(2),
+        )
     else:
-        working_channel(q, g, q, g, 0.0, 1.0, False, t, work)
-        affine_task(plan, t, dy, dy, dx, w[0], w[1], w[2], w[3], w[4], False, stream, work, 0)
+        working_channel(q, g, q, g, 0.0, 1.0, np.bool_(False), t, work)
+        affine_task(
+            plan,
+            t,
+            dy,
+            dy,
+            dx,
+            w[0],
+            w[1],
+            w[2],
+            w[3],
+            w[4],
+            np.bool_(False),
+            stream,
+            work,
+            np.int64(0),
+        )
 
 
 def _backward(
@@ -115,8 +148,8 @@ def _backward(
 ):  # fmt: skip
     for t in numba.prange(plan[NTASKS]):
         _backward_task(
-            plan, t, dy, x, dx, mean, invstd, gamma, n, training, s1, s2, grads, coef, work,
-            stream, fwork, relu,
+            plan, np.int64(t), dy, x, dx, mean, invstd, gamma, n, training, s1, s2, grads, coef,
+            work, stream, fwork, relu,
         )  # fmt: skip
 
 

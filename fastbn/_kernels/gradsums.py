@@ -200,7 +200,7 @@ def gradsums_task(plan, t, dy, x, mean, s1, s2, fwork, relu):
 
 def _gradsums(plan, dy, x, mean, s1, s2, fwork, relu):
     for t in numba.prange(plan[NTASKS]):
-        gradsums_task(plan, t, dy, x, mean, s1, s2, fwork, relu)
+        gradsums_task(plan, np.int64(t), dy, x, mean, s1, s2, fwork, relu)
 
 
 gradsums_serial, gradsums_parallel = drivers(_gradsums)

@@ -100,7 +100,7 @@ def moments_task(plan, t, x, s1, s2, shift):
 
 def _moments(plan, x, s1, s2, shift):
     for t in numba.prange(plan[NTASKS]):
-        moments_task(plan, t, x, s1, s2, shift)
+        moments_task(plan, np.int64(t), x, s1, s2, shift)
 
 
 moments_serial, moments_parallel = drivers(_moments)

@@ -127,8 +127,8 @@ def _forward_eval(plan, x, y, gamma, beta, eps, stats, stream_bytes, relu):
     C = mean.shape[0]
     scale = np.empty(C)
     normalizers(var, gamma, eps, invstd, scale)
-    stub = new_work(y, 0)  # fwork: not read by a forward pass
-    args = (mean, scale, beta, scale, mean, 1.0, False, stream_bytes, stub, relu)
+    stub = new_work(y, np.int64(0))  # fwork: not read by a forward pass
+    args = (mean, scale, beta, scale, mean, 1.0, np.bool_(False), stream_bytes, stub, relu)
     return not affine_op(plan, x, x, y, *args)
 
 
@@ -211,12 +211,14 @@ def _backward(
         fused.grad_params(c, sums[0, c], sums[1, c], invstd, gamma, n, training, grads, coef)
     g, p, q = coef[0], coef[1], coef[2]
     if training:
-        args = (mean, p, q, g, sums[0], n, True, stream_bytes, fwork, relu)
+        args = (mean, p, q, g, sums[0], n, np.bool_(True), stream_bytes, fwork, relu)
         return not affine_op(plan, x, dy, dx, *args)
     if relu:  # dx = masked dy * gamma * invstd: x is read for the mask only
-        return not affine_op(plan, x, dy, dx, q, q, q, g, q, 1.0, True, stream_bytes, fwork, 2)
+        args = (q, q, q, g, q, 1.0, np.bool_(True), stream_bytes, fwork, np.int64(2))
+        return not affine_op(plan, x, dy, dx, *args)
     # dx = dy * gamma * invstd: x is not read (a NaN there must not leak into dx)
-    return not affine_op(plan, dy, dy, dx, q, g, q, g, q, 1.0, False, stream_bytes, fwork, 0)
+    args = (q, g, q, g, q, 1.0, np.bool_(False), stream_bytes, fwork, np.int64(0))
+    return not affine_op(plan, dy, dy, dx, *args)
 
 
 _register(_backward)
