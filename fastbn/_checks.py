@@ -264,42 +264,15 @@ def check_x_sample(x_flat, sample_of_x):
 # -- one call per operation: every argument checked, the view prepared ---------------------
 
 
-def _quick_forward(
-    x, gamma, beta, training, running_mean, running_var, momentum, eps, axis, ddof, out=None
+def quick_view(
+    x, gamma, beta, training, running_mean, running_var, momentum, eps, axis, ddof, out
 ):  # fmt: skip
-    """The View of the common training call when every check of ``forward_args`` would
-    pass (plain contiguous float arrays, float eps and momentum, arrays that own their
-    memory; ``out`` None or such an array of x's shape and dtype), else None."""
-    if out is not None and not _plain_out(out, x):
-        return None
-    view = fast_view(x, axis)
-    if view is None or training is not True or type(eps) is not float:
-        return None
-    if not 0.0 < eps < math.inf or type(ddof) is not int or not 0 <= ddof <= 1:
-        return None
-    if type(momentum) is float:
-        if not 0.0 <= momentum <= 1.0:
-            return None
-    elif not (momentum is None and running_mean is None and running_var is None):
-        return None
-    base = x.base
-    if view.count <= ddof or (base is not None and type(base) is not _memory.Lease):
-        return None
-    if not _plain_params(view.C, x, (gamma, beta, running_mean, running_var)):
-        return None
-    if running_mean is not None and not running_mean.flags.writeable:
-        return None
-    if running_var is not None and not running_var.flags.writeable:
-        return None
-    return view
-
-
-def _quick_eval(x, gamma, beta, running_mean, running_var, momentum, eps, axis, ddof, out):
-    """The View of the common eval-mode call (``training=False``) when every check of
-    ``forward_args`` passes (as ``_quick_forward``), else None; raises ``forward_args``'s
-    error for a negative ``running_var``, its last check."""
-    if running_mean is None or running_var is None:
-        return None
+    """The View of a common call (``training`` True or False, no ``stats``) when every
+    check of ``forward_args`` would pass as the arguments are, else None: plain
+    C-contiguous float arrays that own their memory (so that none overlaps another),
+    float ``eps`` and ``momentum``, ``out`` None or such an array of x's shape and dtype.
+    In eval mode it raises ``forward_args``'s error for a negative ``running_var`` (its
+    last check, so no other error comes first)."""
     if out is not None and not _plain_out(out, x):
         return None
     view = fast_view(x, axis)
@@ -307,9 +280,27 @@ def _quick_eval(x, gamma, beta, running_mean, running_var, momentum, eps, axis, 
         return None
     if type(ddof) is not int or not 0 <= ddof <= 1:
         return None
-    if not (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0)):
+    base = x.base
+    if base is not None and type(base) is not _memory.Lease:
         return None
     if not _plain_params(view.C, x, (gamma, beta, running_mean, running_var)):
+        return None
+    if training is True:
+        if type(momentum) is float:
+            if not 0.0 <= momentum <= 1.0:
+                return None
+        elif not (momentum is None and running_mean is None and running_var is None):
+            return None
+        if view.count <= ddof:
+            return None
+        if running_mean is not None and not running_mean.flags.writeable:
+            return None
+        if running_var is not None and not running_var.flags.writeable:
+            return None
+        return view
+    if training is not False or running_mean is None or running_var is None:
+        return None
+    if not (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0)):
         return None
     check_running_var(running_var)
     return view

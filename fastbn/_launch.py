@@ -71,11 +71,7 @@ def forward_train(
         n, have_stats = plan.count, False
     else:
         result[0], result[1], n, have_stats = stats[0], stats[1], float(stats[2]), True
-    rm, rv = running_mean, running_var
-    if rm is not None and rm.dtype is not _FLOAT32 and rm.dtype is not _FLOAT64:
-        rm = _kernel_running(rm)
-    if rv is not None and rv.dtype is not _FLOAT32 and rv.dtype is not _FLOAT64:
-        rv = _kernel_running(rv)
+    rm, rv = _kernel_running(running_mean), _kernel_running(running_var)
     momentum = 0.0 if momentum is None else float(momentum)
     if rm is not None and rv is not None:
         running = (rm, rv, momentum, True, True, float(ddof), n)

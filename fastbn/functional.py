@@ -164,17 +164,10 @@ def batch_norm(
     activation = _activation.check_activation(activation)
     if stats is None:
         args = (x, gamma, beta, training, running_mean, running_var, momentum, eps, axis)
-        view = _checks._quick_forward(*args, running_var_ddof, out)
+        view = _checks.quick_view(*args, running_var_ddof, out)
         if view is not None:
-            args = (view, x, gamma, beta, running_mean, running_var, momentum, eps)
-            return _train(*args, activation, running_var_ddof, out)
-        if training is False:
-            args = (x, gamma, beta, running_mean, running_var, momentum, eps, axis)
-            view = _checks._quick_eval(*args, running_var_ddof, out)
-            if view is not None:
-                return _evaluate(
-                    view, x, gamma, beta, running_mean, running_var, eps, activation, out
-                )
+            args = (view, x, gamma, beta, training, running_mean, running_var, momentum, eps)
+            return _quick(*args, activation, running_var_ddof, out)
     relu = activation is not None
     if stats is not None:
         _stats.check_stats_type(stats)
@@ -295,46 +288,31 @@ def batch_norm_backward(dy, cache, *, out=None, sums=None):
     return dx, dgamma, dbeta
 
 
-def _train(
-    view, x, gamma, beta, running_mean, running_var, momentum, eps, activation, ddof, out=None
+def _quick(
+    view, x, gamma, beta, training, running_mean, running_var, momentum, eps, activation, ddof,
+    out=None,
 ):  # fmt: skip
-    """``batch_norm`` in training mode without ``stats``, for arguments that every check
-    passes as they are (``_checks._quick_forward``): ``x`` a plain C-contiguous array of
-    ``view``'s shape and dtype owning its memory; ``gamma``, ``beta`` and the running
-    arrays None or native contiguous float arrays of shape ``(C,)`` owning theirs (the
-    running ones writable); float ``eps`` and ``momentum``; ``out`` None or a writable
+    """``batch_norm`` without ``stats``, for arguments that every check passes as they
+    are (``_checks.quick_view``): ``x`` a plain C-contiguous array of ``view``'s shape and
+    dtype owning its memory; ``gamma``, ``beta`` and the running arrays None or native
+    contiguous float arrays of shape ``(C,)`` owning theirs (the running ones writable
+    when training); float ``eps`` and ``momentum``; ``out`` None or a writable
     C-contiguous array like ``x`` owning its memory."""
     x_flat = x.ravel()
     y, y_flat = view.empty() if out is None else (out, out.ravel())
     relu = activation is not None
     plan = view.plan
     kernel_gamma, kernel_beta = _launch.params(plan, gamma, beta)
-    stats, finite = _launch.forward_train(
-        plan, x_flat, y_flat, kernel_gamma, kernel_beta, eps, running_mean, running_var,
-        momentum, ddof, relu,
-    )  # fmt: skip
-    if not finite:
-        _warn_overflow(stats[2])
+    args = (plan, x_flat, y_flat, kernel_gamma, kernel_beta, eps, running_mean, running_var)
+    if training:
+        stats, finite = _launch.forward_train(*args, momentum, ddof, relu)
+        if not finite:
+            _warn_overflow(stats[2])
+    else:
+        stats = _launch.forward_eval(*args, relu)
     gamma_copy = None if gamma is None else np.array(kernel_gamma)  # a snapshot for backward
     beta_copy = (None if beta is None else np.array(kernel_beta)) if relu else None
-    args = (gamma_copy, gamma, beta, stats, True, activation, beta_copy)
-    return y, BatchNormCache(x, x_flat, view, *args)
-
-
-def _evaluate(view, x, gamma, beta, running_mean, running_var, eps, activation, out):
-    """``batch_norm(..., training=False)`` without ``stats``, for arguments that every
-    check passes as they are (``_checks._quick_eval``; ``_train``'s conditions)."""
-    x_flat = x.ravel()
-    y, y_flat = view.empty() if out is None else (out, out.ravel())
-    relu = activation is not None
-    plan = view.plan
-    kernel_gamma, kernel_beta = _launch.params(plan, gamma, beta)
-    stats = _launch.forward_eval(
-        plan, x_flat, y_flat, kernel_gamma, kernel_beta, eps, running_mean, running_var, relu
-    )
-    gamma_copy = None if gamma is None else np.array(kernel_gamma)  # a snapshot for backward
-    beta_copy = (None if beta is None else np.array(kernel_beta)) if relu else None
-    args = (gamma_copy, gamma, beta, stats, False, activation, beta_copy)
+    args = (gamma_copy, gamma, beta, stats, training, activation, beta_copy)
     return y, BatchNormCache(x, x_flat, view, *args)
 
 
@@ -342,9 +320,10 @@ def train_again(view, x, gamma, beta, running_mean, running_var, momentum, eps, 
     """``batch_norm(x, gamma, beta, training=True, running_mean=..., running_var=...,
     momentum=momentum, eps=eps, axis=view.axis, activation=activation)`` for a caller
     that has checked that every argument is what an earlier successful call of that
-    form validated (``_train``'s conditions, gamma, beta and the running arrays of
+    form validated (``_quick``'s conditions, gamma, beta and the running arrays of
     ``view``'s dtype). Skips the checks; the layer's path for repeated calls."""
-    return _train(view, x, gamma, beta, running_mean, running_var, momentum, eps, activation, 1)
+    args = (view, x, gamma, beta, True, running_mean, running_var, momentum, eps, activation)
+    return _quick(*args, 1)
 
 
 def _backward_quick(dy, cache):

@@ -57,13 +57,9 @@ def test_quick_and_checked_paths_give_the_same_bits(shape, dtype, training, with
     x_checked = _view_of_copy(x)
     # the quick checks accept the first form and refuse the second
     args = (x, *quick_params[:2], training, *quick_params[2:], 0.25, 1e-4, 1, 1, None)
-    if training:
-        assert _checks._quick_forward(*args) is not None
-    else:
-        assert _checks._quick_eval(*args[:3], *args[4:]) is not None
+    assert _checks.quick_view(*args) is not None
     args = (x_checked, *checked_params[:2], training, *checked_params[2:], 0.25, 1e-4, 1, 1, None)
-    assert _checks._quick_forward(*args) is None
-    assert _checks._quick_eval(*args[:3], *args[4:]) is None
+    assert _checks.quick_view(*args) is None
 
     out_quick = np.full(shape, 7, dtype) if with_out else None
     out_checked = _view_of_copy(np.full(shape, 7, dtype)) if with_out else None
@@ -141,3 +137,20 @@ def test_an_out_the_quick_check_refuses_goes_through_the_checked_path(make_out):
         return
     y_plain, _ = fastbn.batch_norm(x, gamma, beta, running_mean=rm_before, running_var=rv_before)
     np.testing.assert_array_equal(y, y_plain)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_an_x_inside_out_goes_through_the_checked_path(training):
+    """``x`` a view of ``out``'s memory: ``out`` owns its buffer and is not ``x``, but
+    they overlap; the quick check refuses ``x`` (not its own memory) and the checked
+    path raises, changing nothing."""
+    out = np.random.default_rng(1).standard_normal((12, 5))
+    x = out[:]
+    before = out.copy()
+    rm, rv = np.zeros(5), np.ones(5)
+    args = (x, None, None, training, rm, rv, 0.1, 1e-5, 1, 1, out)
+    assert _checks.quick_view(*args) is None
+    with pytest.raises(ValueError, match="out overlaps x"):
+        fastbn.batch_norm(x, training=training, running_mean=rm, running_var=rv, out=out)
+    np.testing.assert_array_equal(out, before)
+    np.testing.assert_array_equal(rm, 0.0)

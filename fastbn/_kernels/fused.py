@@ -99,47 +99,18 @@ def _backward_task(
     grad_params(t, s1[0, t], s2[0, t], invstd, gamma, n, training, grads, coef)
     g, p, q = coef[0], coef[1], coef[2]
     w = (work[W_MEAN], work[W_SCALE], work[W_OFFSET], work[W_DY_SCALE], work[W_DY_MEAN])
+    yes, no = np.bool_(True), np.bool_(False)  # not literals (see the module docstring)
     if training:
-        working_channel(mean, p, q, g, grads[1, t], n, np.bool_(True), t, work)
-        affine_task(
-            plan, t, x, dy, dx, w[0], w[1], w[2], w[3], w[4], np.bool_(True), stream, fwork, relu
-        )
+        working_channel(mean, p, q, g, grads[1, t], n, yes, t, work)
+        affine_task(plan, t, x, dy, dx, w[0], w[1], w[2], w[3], w[4], yes, stream, fwork, relu)
     elif relu:  # (masked dy - 0) * g + 0
-        working_channel(q, q, q, g, 0.0, 1.0, np.bool_(False), t, work)
-        affine_task(
-            plan,
-            t,
-            x,
-            dy,
-            dx,
-            w[0],
-            w[1],
-            w[2],
-            w[3],
-            w[4],
-            np.bool_(True),
-            stream,
-            fwork,
-            np.int64(2),
-        )
+        working_channel(q, q, q, g, 0.0, 1.0, no, t, work)
+        eval_dx = np.int64(2)
+        affine_task(plan, t, x, dy, dx, w[0], w[1], w[2], w[3], w[4], yes, stream, fwork, eval_dx)
     else:
-        working_channel(q, g, q, g, 0.0, 1.0, np.bool_(False), t, work)
-        affine_task(
-            plan,
-            t,
-            dy,
-            dy,
-            dx,
-            w[0],
-            w[1],
-            w[2],
-            w[3],
-            w[4],
-            np.bool_(False),
-            stream,
-            work,
-            np.int64(0),
-        )
+        working_channel(q, g, q, g, 0.0, 1.0, no, t, work)
+        plain = np.int64(0)
+        affine_task(plan, t, dy, dy, dx, w[0], w[1], w[2], w[3], w[4], no, stream, work, plain)
 
 
 def _backward(
