@@ -82,59 +82,37 @@ def _run_rows(x, dy, out, m, p, q, g, d, rm, rp, rq, C, i0, n, j, with_dy, mode)
 
 
 @inline
-def _run_plane(x, dy, out, m, p, q, g, d, rm, rp, rq, c, i0, n, with_dy, mode):
-    """``n`` elements from ``i0`` of one plane of channel ``c``, ordinary stores."""
+def _plane_runs(x, dy, out, m, p, q, g, d, rm, rp, rq, c, first, count, stride, n, with_dy, mode):
+    """``count`` runs of ``n`` elements of channel ``c``, the first at flat index ``first``
+    and each ``stride`` after the one before, with ordinary stores; one loop nest per
+    case with the channel's coefficients in scalars. Called once per task for whole
+    planes (``count`` planes of ``inner``), and for a streamed plane's head and tail
+    (``count`` 1). (With a helper inlined per plane, the serial target of NCHW (32, 16, 8,
+    8) reference-counted every array argument per plane and ran ~10x slower.)"""
     mc, pc, qc, gc, dc = m[c], p[c], q[c], g[c], d[c]
     if with_dy and mode:
         rmc, rpc, rqc = rm[c], rp[c], rq[c]
-        for e in range(n):
-            xv = x[i0 + e]
-            dyv = masked(fmuladd(xv - rmc, rpc, rqc), dy[i0 + e])
-            out[i0 + e] = fmuladd(dyv - dc, gc, fmuladd(xv - mc, pc, qc))
-    elif with_dy:
-        for e in range(n):
-            xc = x[i0 + e] - mc
-            out[i0 + e] = fmuladd(dy[i0 + e] - dc, gc, fmuladd(xc, pc, qc))
-    elif mode:
-        for e in range(n):
-            out[i0 + e] = relu_max(fmuladd(x[i0 + e] - mc, pc, qc))
-    else:
-        for e in range(n):
-            out[i0 + e] = fmuladd(x[i0 + e] - mc, pc, qc)
-
-
-@inline
-def _planes_plain(x, dy, out, m, p, q, g, d, rm, rp, rq, C, inner, lo, hi, c, with_dy, mode):
-    """The planes of channel ``c`` of outer indices ``[lo, hi)`` with ordinary stores, one
-    loop nest per case with the channel's coefficients in scalars. (With a helper
-    inlined per plane instead, the serial target of NCHW (32, 16, 8, 8) reference-counted
-    every array argument per plane and ran ~10x slower than this.)"""
-    mc, pc, qc, gc, dc = m[c], p[c], q[c], g[c], d[c]
-    stride = C * inner
-    first = (lo * C + c) * inner
-    if with_dy and mode:
-        rmc, rpc, rqc = rm[c], rp[c], rq[c]
-        for o in range(hi - lo):
+        for o in range(count):
             i0 = first + o * stride
-            for e in range(inner):
+            for e in range(n):
                 xv = x[i0 + e]
                 dyv = masked(fmuladd(xv - rmc, rpc, rqc), dy[i0 + e])
                 out[i0 + e] = fmuladd(dyv - dc, gc, fmuladd(xv - mc, pc, qc))
     elif with_dy:
-        for o in range(hi - lo):
+        for o in range(count):
             i0 = first + o * stride
-            for e in range(inner):
+            for e in range(n):
                 xc = x[i0 + e] - mc
                 out[i0 + e] = fmuladd(dy[i0 + e] - dc, gc, fmuladd(xc, pc, qc))
     elif mode:
-        for o in range(hi - lo):
+        for o in range(count):
             i0 = first + o * stride
-            for e in range(inner):
+            for e in range(n):
                 out[i0 + e] = relu_max(fmuladd(x[i0 + e] - mc, pc, qc))
     else:
-        for o in range(hi - lo):
+        for o in range(count):
             i0 = first + o * stride
-            for e in range(inner):
+            for e in range(n):
                 out[i0 + e] = fmuladd(x[i0 + e] - mc, pc, qc)
 
 
@@ -222,13 +200,16 @@ def affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, relu
     if relu == 2:
         _eval_relu_dx(plan, x, dy, out, q, g, d, rm, rp, rq, lo, hi, c0)
         return
-    if not stream:  # ordinary stores only: plain loops (see _planes_plain)
+    if not stream:  # ordinary stores only: plain loops (see _plane_runs)
         if rows:
             _rows_plain(x, dy, out, m, p, q, g, d, rm, rp, rq, C, lo, hi, with_dy, relu)
         else:
-            _planes_plain(
-                x, dy, out, m, p, q, g, d, rm, rp, rq, C, _U(plan[INNER]), lo, hi, c0, with_dy, relu
-            )
+            inner = _U(plan[INNER])
+            first, count, stride = (lo * C + c0) * inner, hi - lo, C * inner
+            _plane_runs(
+                x, dy, out, m, p, q, g, d, rm, rp, rq, c0, first, count, stride, inner,
+                with_dy, relu,
+            )  # fmt: skip
         return
     # segments: one flat run of rows, or one plane per outer index
     nseg = _U(1) if rows else hi - lo
@@ -247,7 +228,10 @@ def affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, relu
                 j0 = _U(0) if part == 0 else tail % C
                 _run_rows(x, dy, out, m, p, q, g, d, rm, rp, rq, C, i0, n, j0, with_dy, relu)
             else:
-                _run_plane(x, dy, out, m, p, q, g, d, rm, rp, rq, c0, i0, n, with_dy, relu)
+                _plane_runs(
+                    x, dy, out, m, p, q, g, d, rm, rp, rq, c0, i0, _U(1), _U(0), n, with_dy,
+                    relu,
+                )  # fmt: skip
         j = head % C if rows else c0
         _lines(x, dy, out, m, p, q, g, d, rm, rp, rq, C, k + head, nlines, j, rows, with_dy, relu)
         streamed = streamed or nlines > _U(0)
