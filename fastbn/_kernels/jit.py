@@ -55,8 +55,14 @@ def drivers(body):
     Write the body with explicit arguments, not ``*args``: a task called with a
     star-args tuple got every array of the tuple reference-counted (two atomic updates)
     per task, measured as ~13 of the ~50 per task of the small NCHW forward (each task
-    function still counts every array argument on entry)."""
-    serial = numba.njit(**_OPTIONS)(_copy(body, _name(body, "serial"), {}))
+    function still counts every array argument on entry).
+
+    The serial driver is inlined (Numba IR) into the operations that call it: each
+    compiled library re-optimizes and re-emits the machine code of every library it
+    links, so a library per level made the tasks' code go through LLVM once more per
+    level (first float32 step 11.8 -> 10.2 s with the operations inlined too). The
+    parallel one cannot be: its ``prange`` needs ``parallel=True``."""
+    serial = numba.njit(**_OPTIONS, inline="always")(_copy(body, _name(body, "serial"), {}))
     parallel = numba.njit(**_OPTIONS, parallel=True)(_copy(body, _name(body, "parallel"), {}))
     return serial, parallel
 
@@ -68,7 +74,9 @@ def operations(body, **passes):
     that name is the serial one in serial targets and the parallel one in the others, so
     a small input compiles and runs only serial code. The body's global ``FUSED`` is a
     constant in each target, and Numba drops the branch it rules out: a target compiles
-    either the fused-planes path or the two-pass one, never both."""
+    either the fused-planes path or the two-pass one, never both. Targets are inlined
+    (Numba IR) where another operation calls them, called as usual from Python: a call
+    with ``*args`` cannot be inlined, so write the arguments out."""
     targets = {}
     for parallel in (False, True):
         for fused in (False, True):
@@ -76,5 +84,5 @@ def operations(body, **passes):
             replace["FUSED"] = fused
             kind = ("parallel" if parallel else "serial") + ("_fused" if fused else "")
             fn = _copy(body, _name(body, kind), replace)
-            targets[parallel, fused] = numba.njit(**_OPTIONS)(fn)
+            targets[parallel, fused] = numba.njit(**_OPTIONS, inline="always")(fn)
     return targets

@@ -125,11 +125,15 @@ def _forward_eval(plan, x, y, gamma, beta, eps, stats, stream_bytes, relu):
     False when ``y`` must be redone in float64 (see ``coefficients``)."""
     mean, var, invstd = stats[0], stats[2], stats[3]
     C = mean.shape[0]
-    scale = np.empty(C)
+    scale, offset = np.empty(C), np.empty(C)
     normalizers(var, gamma, eps, invstd, scale)
+    for c in range(C):  # float64 like the backward's q: one compilation of affine_op, not two
+        offset[c] = beta[c]
     stub = new_work(y, np.int64(0))  # fwork: not read by a forward pass
-    args = (mean, scale, beta, scale, mean, 1.0, np.bool_(False), stream_bytes, stub, relu)
-    return not affine_op(plan, x, x, y, *args)
+    no_dy = np.bool_(False)
+    return not affine_op(
+        plan, x, x, y, mean, scale, offset, scale, mean, 1.0, no_dy, stream_bytes, stub, relu
+    )
 
 
 forward_eval_op = _register(_forward_eval)
@@ -200,8 +204,10 @@ def _backward(
         stream = dx.size * dx.itemsize >= stream_bytes
         work = new_work(dx, C)
         s1, s2 = np.empty((1, C)), np.empty((1, C))
-        args = (dy, x, dx, mean, invstd, gamma, n, training, s1, s2, grads, coef, work, stream)
-        fused_backward_pass(plan, *args, fwork, relu)
+        fused_backward_pass(
+            plan, dy, x, dx, mean, invstd, gamma, n, training, s1, s2, grads, coef, work,
+            stream, fwork, relu,
+        )  # fmt: skip
         for c in range(C):
             sums[0, c], sums[1, c] = s1[0, c], s2[0, c]
         return not any_clamped(work, C)
@@ -211,14 +217,18 @@ def _backward(
         fused.grad_params(c, sums[0, c], sums[1, c], invstd, gamma, n, training, grads, coef)
     g, p, q = coef[0], coef[1], coef[2]
     if training:
-        args = (mean, p, q, g, sums[0], n, np.bool_(True), stream_bytes, fwork, relu)
-        return not affine_op(plan, x, dy, dx, *args)
+        dsum, centred = sums[0], np.bool_(True)
+        return not affine_op(
+            plan, x, dy, dx, mean, p, q, g, dsum, n, centred, stream_bytes, fwork, relu
+        )
     if relu:  # dx = masked dy * gamma * invstd: x is read for the mask only
-        args = (q, q, q, g, q, 1.0, np.bool_(True), stream_bytes, fwork, np.int64(2))
-        return not affine_op(plan, x, dy, dx, *args)
+        centred, mode = np.bool_(True), np.int64(2)
+        return not affine_op(
+            plan, x, dy, dx, q, q, q, g, q, 1.0, centred, stream_bytes, fwork, mode
+        )
     # dx = dy * gamma * invstd: x is not read (a NaN there must not leak into dx)
-    args = (q, g, q, g, q, 1.0, np.bool_(False), stream_bytes, fwork, np.int64(0))
-    return not affine_op(plan, dy, dy, dx, *args)
+    centred, mode = np.bool_(False), np.int64(0)
+    return not affine_op(plan, dy, dy, dx, q, g, q, g, q, 1.0, centred, stream_bytes, fwork, mode)
 
 
 _register(_backward)
