@@ -13,7 +13,7 @@ nothing. The listener costs nothing per call: Numba only reaches it on a compile
 When the compile being started is a fastbn operation (a dispatcher of a ``fastbn.*``
 module, not one compiled inside another one's compile), it prints::
 
-    fastbn: compiling backward (float32, parallel target) for this machine, about 15 s; ...
+    fastbn: compiling backward (float32, parallel target) for this machine, about 3 s; ...
 
 once per (operation, dtype, target) and process, the first line of a process with what
 it is and how to avoid it: that it happens once per machine and Numba version, where the
@@ -29,11 +29,12 @@ import threading
 __all__ = ["set_compile_notice", "compile_notice_enabled"]
 
 _ENV = "FASTBN_QUIET_COMPILE"
-# Seconds one operation's cold compile took (2-core EPYC VM under load, numba 0.68,
-# 2026-12-01), per target and dtype: forward_train 10-13, backward 10-16, forward_eval 3
-# (alone). A guide for the user, not a promise; update it when the kernels change.
-_ESTIMATE_SECONDS = {"forward_train": 15, "backward": 15, "forward_eval": 5}
-_DEFAULT_ESTIMATE = 15
+# Seconds one operation's cold compile took (2-core Xeon VM, idle, numba 0.68.1,
+# 2026-12-01, float32 (256, 1024), empty cache): forward_train 4.9, backward 2.3 and
+# forward_eval 0.6 after them, parallel forward_train 3.1 and backward 1.8 after the serial
+# ones. A guide for the user, not a promise; update it when the kernels change.
+_ESTIMATE_SECONDS = {"forward_train": 5, "backward": 3, "forward_eval": 2}
+_DEFAULT_ESTIMATE = 5
 
 
 def _quiet_from_environment():
@@ -61,8 +62,11 @@ def compile_notice_enabled():
 
 def _describe(dispatcher, argtypes):
     """``(operation, dtype, target)`` of a compile: ``forward_train_parallel`` over a float32
-    array gives ``("forward_train", "float32", "parallel")``."""
+    array gives ``("forward_train", "float32", "parallel")``, ``backward_serial_fused_relu``
+    ``(..., "serial, fused planes, with ReLU")``."""
     name = dispatcher.py_func.__name__
+    relu = name.endswith("_relu")
+    name = name[: -len("_relu")] if relu else name
     fused = name.endswith("_fused")
     name = name[: -len("_fused")] if fused else name
     operation, target = name, ""
@@ -71,6 +75,8 @@ def _describe(dispatcher, argtypes):
             operation, target = name[: -len(suffix)], suffix[1:]
     if fused:
         target += ", fused planes"
+    if relu:
+        target += ", with ReLU"
     dtypes = set()
     stack = list(argtypes)
     while stack:

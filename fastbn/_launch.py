@@ -14,16 +14,19 @@ _STAND_IN = {"f": np.zeros(1, np.float32), "d": np.zeros(1, np.float64)}
 _NO_FWORK = {c: np.zeros((layout.WORK_ROWS, 1), c) for c in "fd"}
 
 
-def _call(plan, name, fused, *args):
+def _call(plan, name, fused, relu, *args):
     """Run operation ``name`` in the target the plan needs (``ops.TARGETS``): serial for
-    small inputs, else serial or parallel as ``fastbn._choice`` finds faster."""
+    small inputs, else serial or parallel as ``fastbn._choice`` finds faster; ``relu``:
+    the targets with the ReLU loops (compiled only when a call needs them)."""
     targets = ops.TARGETS[name]
     if not (plan.parallel and parallel_usable()):
-        return targets[False, fused](*args)
-    choice = plan.choices.get((name, fused))
+        return targets[False, fused, relu](*args)
+    key = (name, fused, relu)
+    choice = plan.choices.get(key)
     if choice is None:
-        choice = plan.choices[name, fused] = _choice.Choice()
-    return _choice.run(choice, targets[False, fused], targets[True, fused], parallel_call, args)
+        choice = plan.choices[key] = _choice.Choice()
+    serial, parallel = targets[False, fused, relu], targets[True, fused, relu]
+    return _choice.run(choice, serial, parallel, parallel_call, args)
 
 
 def _param(p, default):
@@ -84,8 +87,9 @@ def forward_train(
         pair = (stand_in if rm is None else rm, stand_in if rv is None else rv)
         running = pair + (momentum, rm is not None, rv is not None, float(ddof), n)
     args = (plan.ints, plan.counts, x, y, gamma, beta, eps, result, have_stats)
+    relu = bool(relu)
     finite, fits = _call(
-        plan, "forward_train", plan.fused, *args, _plan.STREAM_BYTES, running, 1 if relu else 0
+        plan, "forward_train", plan.fused, relu, *args, _plan.STREAM_BYTES, running, int(relu)
     )
     if not fits:
         _affine_float64(plan, y, x, result[0], result[3] * gamma, beta, relu=relu)
@@ -102,7 +106,7 @@ def forward_eval(plan, x, y, gamma, beta, eps, mean, var, relu=False):
     stats = np.empty((4, plan.C))
     stats[0], stats[2] = mean, var
     args = (plan.ints, x, y, gamma, beta, eps, stats, _plan.STREAM_BYTES, int(relu))
-    if not _call(plan, "forward_eval", False, *args):
+    if not _call(plan, "forward_eval", False, bool(relu), *args):
         _affine_float64(plan, y, x, stats[0], stats[3] * gamma, beta, relu=relu)
     return stats
 
@@ -110,7 +114,7 @@ def forward_eval(plan, x, y, gamma, beta, eps, mean, var, relu=False):
 def moments(plan, x):
     """Per-channel float64 ``(mean, m2)`` of flat ``x`` (the statistics pass alone)."""
     stats = np.empty((2, plan.C))
-    _call(plan, "moments", False, plan.ints, plan.counts, x, stats)
+    _call(plan, "moments", False, False, plan.ints, plan.counts, x, stats)
     return stats[0], stats[1]
 
 
@@ -118,7 +122,7 @@ def grad_sums(plan, dy, x, mean):
     """Float64 ``(2, C)``: ``sum(dy)`` and ``sum(dy * (x - mean))`` per channel."""
     sums = np.empty((2, plan.C))
     args = (plan.ints, dy, x, mean, sums, _NO_FWORK[x.dtype.char], 0)
-    _call(plan, "grad_sums", False, *args)
+    _call(plan, "grad_sums", False, False, *args)
     return sums
 
 
@@ -139,7 +143,7 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training, n=None, sums=None, 
         fwork = _NO_FWORK[x.dtype.char]
     args = (plan.ints, dy, x, dx, mean, invstd, gamma, n, bool(training), grads, sums)
     args += (have_sums, _plan.STREAM_BYTES, fwork, 1 if relu else 0)
-    if not _call(plan, "backward", plan.fused and not have_sums, *args):
+    if not _call(plan, "backward", plan.fused and not have_sums, relu, *args):
         if relu:  # redo as the composition, whose float64 path follows
             dy = _activation.masked_dy(plan, dy, x, fwork)
             given = sums if have_sums else None

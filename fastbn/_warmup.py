@@ -49,9 +49,14 @@ def _dispatchers():
     for name, module in list(sys.modules.items()):
         if module is None or not (name == "fastbn" or name.startswith("fastbn.")):
             continue
-        for value in list(vars(module).values()):
+        stack, seen = list(vars(module).values()), set()
+        while stack:  # dispatchers, and those in dicts (the drivers, ops.TARGETS)
+            value = stack.pop()
             if isinstance(value, Dispatcher):
                 found[id(value)] = value
+            elif isinstance(value, dict) and id(value) not in seen:
+                seen.add(id(value))
+                stack.extend(value.values())
     return list(found.values())
 
 
@@ -66,13 +71,14 @@ def kernel_cache_stats():
     return {"compiled": compiled, "loaded": loaded}
 
 
-def _training_step(shape, dtype):
-    """Train forward, backward, eval forward and eval backward of a ``BatchNorm`` on ``x``
-    of ``shape`` and ``dtype``; returns the outputs' sum as a sanity value."""
+def _training_step(shape, dtype, activation=None):
+    """Train forward, backward, eval forward and eval backward of a ``BatchNorm`` (with
+    ``activation``) on ``x`` of ``shape`` and ``dtype``; returns the outputs' sum as a
+    sanity value."""
     from .layer import BatchNorm
 
     x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
-    bn = BatchNorm(shape[1], dtype=dtype)
+    bn = BatchNorm(shape[1], dtype=dtype, activation=activation)
     y = bn(x)
     dx = bn.backward(np.ones_like(y))
     bn.eval()
@@ -84,45 +90,52 @@ def _training_step(shape, dtype):
     return total
 
 
-def _check_arguments(dtype, serial_only, quiet):
+def _check_arguments(dtype, serial_only, relu, quiet):
     if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise ValueError(f"warmup: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    for name, value in (("serial_only", serial_only), ("quiet", quiet)):
+    for name, value in (("serial_only", serial_only), ("relu", relu), ("quiet", quiet)):
         if not isinstance(value, bool):
             raise TypeError(f"warmup: {name} must be a bool, got {type(value).__name__}")
 
 
 def _run_jobs(jobs, steps, quiet):
-    for i, (name, family, target, shape) in enumerate(jobs, 1):
+    for i, (name, family, target, shape, activation) in enumerate(jobs, 1):
         t0, c0 = time.perf_counter(), kernel_cache_stats()["compiled"]
-        _training_step(shape, np.dtype(name))
+        _training_step(shape, np.dtype(name), activation)
         seconds = time.perf_counter() - t0
         compiled = kernel_cache_stats()["compiled"] - c0
         steps.append((name, family, target, seconds, compiled))
         if not quiet:
-            what = f"{name} {target} {family} {shape}"
+            what = f"{name} {target} {family} {shape}" + (" ReLU" if activation else "")
             done = f"compiled {compiled} functions" if compiled else "from cache"
             _say(f"[{i:2d}/{len(jobs)}] {what}: {seconds:.1f} s ({done})")
 
 
-def warmup(dtype="both", *, serial_only=False, quiet=False):
+def warmup(dtype="both", *, serial_only=False, relu=False, quiet=False):
     """Compile and cache every kernel target a training loop uses.
 
     ``dtype``: ``"float32"``, ``"float64"`` or ``"both"`` (float16 runs on the float32
     kernels). ``serial_only``: skip the parallel targets (only inputs below
     ``fastbn._plan.SERIAL_BELOW`` elements, or single-task ones, will then be fast on
-    first use). ``quiet``: no progress lines on stderr.
+    first use). ``relu``: also the targets of ``activation="relu"`` (batch norm fused
+    with a ReLU), which the others do not contain. ``quiet``: no progress lines on stderr.
 
     Returns a dict: ``seconds`` (float), ``compiled`` and ``loaded`` (numbers of kernel
     signatures this call compiled, and loaded from Numba's disk cache), ``steps`` (a list
     of ``(dtype, family, target, seconds, compiled)``). A second call, or one in a later
     process with the same cache, compiles nothing.
     """
-    _check_arguments(dtype, serial_only, quiet)
+    _check_arguments(dtype, serial_only, relu, quiet)
     cases = [c for c in CASES if not (serial_only and c[1] == "parallel")]
     # serial targets first: what a small first call needs is ready soonest
     cases.sort(key=lambda c: c[1] != "serial")
-    jobs = [(np.dtype(d).name, *case) for d in _DTYPES[dtype] for case in cases]
+    activations = (None, "relu") if relu else (None,)
+    jobs = [
+        (np.dtype(d).name, *case, activation)
+        for activation in activations
+        for d in _DTYPES[dtype]
+        for case in cases
+    ]
     notice = _compile_notice.compile_notice_enabled()
     _compile_notice.set_compile_notice(False)  # warmup says what it does itself
     start, before = time.perf_counter(), kernel_cache_stats()
@@ -154,7 +167,7 @@ def _say(text):
 def _cache_location():
     from ._kernels import ops
 
-    cache = getattr(ops.TARGETS["forward_train"][False, False], "_cache", None)
+    cache = getattr(ops.TARGETS["forward_train"][False, False, False], "_cache", None)
     return getattr(cache, "cache_path", None) or "unknown location"
 
 
@@ -164,10 +177,11 @@ def add_arguments(parser):
     parser.add_argument(
         "--serial-only", action="store_true", help="skip the parallel (multi-threaded) targets"
     )
+    parser.add_argument("--relu", action="store_true", help='also the targets of activation="relu"')
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def run(args):
     """``python -m fastbn warmup``: exit status 0 when every target ran."""
-    warmup(args.dtype, serial_only=args.serial_only, quiet=args.quiet)
+    warmup(args.dtype, serial_only=args.serial_only, relu=args.relu, quiet=args.quiet)
     return 0

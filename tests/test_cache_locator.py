@@ -42,7 +42,7 @@ def test_shared_dir_names_the_versions():
 
 
 def test_locates_fastbn_files_only_and_only_with_a_cache_dir(tmp_path, monkeypatch):
-    fn = ops.TARGETS["backward"][False, False].py_func
+    fn = ops.TARGETS["backward"][False, False, False].py_func
     monkeypatch.setattr(config, "CACHE_DIR", "")
     assert _cache_locator.PortableCacheLocator.from_function(fn, fn.__code__.co_filename) is None
     monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path))

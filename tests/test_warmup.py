@@ -23,6 +23,9 @@ _EVAL = textwrap.dedent(
     x = np.arange(24.0).reshape(6, 4)
     y, _ = fastbn.batch_norm(x, training=False, running_mean=np.zeros(4), running_var=np.ones(4))
     print(repr(float(y.sum())))
+    from fastbn._warmup import _dispatchers  # which ReLU kernels this process compiled
+    print(sorted(d.py_func.__name__ for d in _dispatchers() if "relu" in d.py_func.__name__
+                 and d.stats.cache_misses))
     """
 )
 
@@ -51,8 +54,11 @@ def test_cold_call_prints_one_line_warm_call_prints_nothing(tmp_path):
     assert str(tmp_path) in lines[0]
     warm = _python(_EVAL, NUMBA_CACHE_DIR=str(tmp_path))
     assert warm.returncode == 0 and warm.stderr == ""
-    assert float(cold.stdout) == pytest.approx(expected, rel=1e-12)
+    value, relu_compiled = cold.stdout.splitlines()
+    assert float(value) == pytest.approx(expected, rel=1e-12)
     assert warm.stdout == cold.stdout
+    # a call without activation="relu" compiles no ReLU loop (jit.relu_pair)
+    assert relu_compiled == "[]"
 
 
 class _FakeDispatcher:
@@ -99,7 +105,7 @@ def test_notice_once_per_operation_dtype_and_target(notice, capsys):
     assert "FASTBN_QUIET_COMPILE=1" in lines[0] and "python -m fastbn warmup" in lines[0]
     assert lines[1] == (
         "fastbn: compiling forward_train (float64, serial target) for this machine, "
-        "about 15 s (once; cached)"
+        "about 5 s (once; cached)"
     )
 
 
@@ -117,9 +123,12 @@ def test_notice_silenced(notice, capsys, monkeypatch):
 
 def test_listener_is_installed_and_fastbn_sees_real_dispatchers():
     assert _compile_notice.INSTALLED
-    assert _compile_notice._is_fastbn(ops.TARGETS["backward"][True, False])
-    key = _compile_notice._describe(ops.TARGETS["backward"][True, False], (types.int64, F32, F64))
+    backward = ops.TARGETS["backward"]
+    assert _compile_notice._is_fastbn(backward[True, False, False])
+    key = _compile_notice._describe(backward[True, False, False], (types.int64, F32, F64))
     assert key == ("backward", "float32", "parallel")
+    key = _compile_notice._describe(backward[False, True, True], (types.int64, F64))
+    assert key == ("backward", "float64", "serial, fused planes, with ReLU")
 
 
 @pytest.mark.parametrize("itemsize", [4, 8])
@@ -142,6 +151,8 @@ def test_warmup_arguments():
         fastbn.warmup(serial_only="yes")
     with pytest.raises(TypeError, match="quiet must be a bool"):
         fastbn.warmup(quiet=1)
+    with pytest.raises(TypeError, match="relu must be a bool"):
+        fastbn.warmup(relu="relu")
 
 
 def test_warmup_in_process(capsys):
@@ -162,6 +173,18 @@ def test_warmup_in_process(capsys):
     again = fastbn.warmup("float32", serial_only=True, quiet=True)
     assert again["compiled"] == 0  # all in memory now
     assert capsys.readouterr().err == ""
+
+
+def test_warmup_relu_reaches_the_relu_targets(capsys):
+    from fastbn._kernels import ops
+
+    result = fastbn.warmup("float32", serial_only=True, relu=True)
+    assert len(result["steps"]) == 6
+    err = capsys.readouterr().err.splitlines()
+    assert sum(" ReLU:" in line for line in err) == 3, err
+    targets = [("forward_train", True), ("forward_train", False), ("forward_eval", False)]
+    for name, fused in targets + [("backward", True), ("backward", False)]:
+        assert ops.TARGETS[name][False, fused, True].signatures, (name, fused)
 
 
 _LOOP = textwrap.dedent(

@@ -26,12 +26,13 @@ import numba
 import numpy as np
 
 from . import stream as S
-from .jit import drivers, inline, jit
+from .jit import drivers, inline, jit, relu_pair
 from .layout import AFFINE_BLOCK, AFFINE_TASKS, CHANNELS, INNER, OUTER, W_MEAN, W_OFFSET, W_SCALE
 from .partition import task
 from .stream import LINE, fmuladd, masked, relu_max, store_fence
 
 _U = np.uint64
+RELU = False  # a constant per compiled copy of affine_task (see jit.relu_pair)
 
 
 @inline
@@ -183,11 +184,12 @@ def _split(addr, size, k, seglen, stream):
     return seglen, _U(0)
 
 
-@jit
-def affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, relu):
+def _affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, relu):
     """Write task ``t``'s outputs with the coefficients ``m, p, q, g, d`` (the rows of
     ``coefficients.working``); ``relu`` and ``fwork`` (the forward's ``work``, read only
-    when ``relu`` and ``with_dy``): see the module docstring."""
+    when ``relu`` and ``with_dy``): see the module docstring. ``relu`` is read in the
+    ``affine_task_relu`` copy only; ``affine_task`` compiles no ReLU loop."""
+    mode = relu if RELU else 0
     C = _U(plan[CHANNELS])
     rows = plan[INNER] == 1
     rm, rp, rq = fwork[W_MEAN], fwork[W_SCALE], fwork[W_OFFSET]
@@ -197,18 +199,18 @@ def affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, relu
         c0 = _U(0)
     else:
         _, lo, hi, c0, _ = task(plan, t)
-    if relu == 2:
+    if mode == 2:
         _eval_relu_dx(plan, x, dy, out, q, g, d, rm, rp, rq, lo, hi, c0)
         return
     if not stream:  # ordinary stores only: plain loops (see _plane_runs)
         if rows:
-            _rows_plain(x, dy, out, m, p, q, g, d, rm, rp, rq, C, lo, hi, with_dy, relu)
+            _rows_plain(x, dy, out, m, p, q, g, d, rm, rp, rq, C, lo, hi, with_dy, mode)
         else:
             inner = _U(plan[INNER])
             first, count, stride = (lo * C + c0) * inner, hi - lo, C * inner
             _plane_runs(
                 x, dy, out, m, p, q, g, d, rm, rp, rq, c0, first, count, stride, inner,
-                with_dy, relu,
+                with_dy, mode,
             )  # fmt: skip
         return
     # segments: one flat run of rows, or one plane per outer index
@@ -226,17 +228,20 @@ def affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, relu
             n = head if part == 0 else seglen - tail
             if rows:
                 j0 = _U(0) if part == 0 else tail % C
-                _run_rows(x, dy, out, m, p, q, g, d, rm, rp, rq, C, i0, n, j0, with_dy, relu)
+                _run_rows(x, dy, out, m, p, q, g, d, rm, rp, rq, C, i0, n, j0, with_dy, mode)
             else:
                 _plane_runs(
                     x, dy, out, m, p, q, g, d, rm, rp, rq, c0, i0, _U(1), _U(0), n, with_dy,
-                    relu,
+                    mode,
                 )  # fmt: skip
         j = head % C if rows else c0
-        _lines(x, dy, out, m, p, q, g, d, rm, rp, rq, C, k + head, nlines, j, rows, with_dy, relu)
+        _lines(x, dy, out, m, p, q, g, d, rm, rp, rq, C, k + head, nlines, j, rows, with_dy, mode)
         streamed = streamed or nlines > _U(0)
     if streamed:
         store_fence()
+
+
+affine_task, affine_task_relu = relu_pair(jit, _affine_task)
 
 
 def _affine(plan, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, relu):
@@ -244,4 +249,4 @@ def _affine(plan, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, relu):
         affine_task(plan, np.int64(t), x, dy, out, m, p, q, g, d, with_dy, stream, fwork, relu)
 
 
-affine_serial, affine_parallel = drivers(_affine)
+AFFINE = drivers(_affine, affine_task=affine_task_relu)

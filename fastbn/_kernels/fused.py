@@ -11,15 +11,16 @@ channel, so both paths give the same bits.
 import numba
 import numpy as np
 
-from .affine import affine_task
+from .affine import affine_task, affine_task_relu
 from .coefficients import working_channel
-from .gradsums import gradsums_task
-from .jit import drivers, exact, jit
+from .gradsums import gradsums_task, gradsums_task_relu
+from .jit import drivers, exact, jit, relu_pair
 from .layout import NTASKS, W_DY_MEAN, W_DY_SCALE, W_MEAN, W_OFFSET, W_SCALE
 from .moments import merge_channel, moments_task, normalizer
 
+RELU = False  # a constant per compiled copy of the tasks (see jit.relu_pair)
 
-@jit
+
 def _forward_task(
     plan,
     t,
@@ -54,18 +55,21 @@ def _forward_task(
     affine_task(plan, t, x, x, y, w[0], w[1], w[2], w[3], w[4], np.bool_(False), stream, work, relu)
 
 
+forward_task, forward_task_relu = relu_pair(jit, _forward_task, affine_task=affine_task_relu)
+
+
 def _forward(
     plan, x, y, gamma, beta, eps, counts, s1, s2, shift, stats, have_stats, n, scale, work,
     stream, relu,
 ):  # fmt: skip
     for t in numba.prange(plan[NTASKS]):
-        _forward_task(
+        forward_task(
             plan, np.int64(t), x, y, gamma, beta, eps, counts, s1, s2, shift, stats, have_stats, n,
             scale, work, stream, relu,
         )  # fmt: skip
 
 
-forward_serial, forward_parallel = drivers(_forward)
+FORWARD = drivers(_forward, forward_task=forward_task_relu)
 
 
 @exact
@@ -85,7 +89,6 @@ def grad_params(c, sum_dy, sum_dy_xc, invstd, gamma, n, training, grads, coef):
         q[c] = 0.0
 
 
-@jit
 def _backward_task(
     plan, t, dy, x, dx, mean, invstd, gamma, n, training, s1, s2, grads, coef, work, stream,
     fwork, relu,
@@ -103,7 +106,7 @@ def _backward_task(
     if training:
         working_channel(mean, p, q, g, grads[1, t], n, yes, t, work)
         affine_task(plan, t, x, dy, dx, w[0], w[1], w[2], w[3], w[4], yes, stream, fwork, relu)
-    elif relu:  # (masked dy - 0) * g + 0
+    elif RELU and relu:  # (masked dy - 0) * g + 0
         working_channel(q, q, q, g, 0.0, 1.0, no, t, work)
         eval_dx = np.int64(2)
         affine_task(plan, t, x, dy, dx, w[0], w[1], w[2], w[3], w[4], yes, stream, fwork, eval_dx)
@@ -113,15 +116,20 @@ def _backward_task(
         affine_task(plan, t, dy, dy, dx, w[0], w[1], w[2], w[3], w[4], no, stream, work, plain)
 
 
+backward_task, backward_task_relu = relu_pair(
+    jit, _backward_task, gradsums_task=gradsums_task_relu, affine_task=affine_task_relu
+)
+
+
 def _backward(
     plan, dy, x, dx, mean, invstd, gamma, n, training, s1, s2, grads, coef, work, stream,
     fwork, relu,
 ):  # fmt: skip
     for t in numba.prange(plan[NTASKS]):
-        _backward_task(
+        backward_task(
             plan, np.int64(t), dy, x, dx, mean, invstd, gamma, n, training, s1, s2, grads, coef,
             work, stream, fwork, relu,
         )  # fmt: skip
 
 
-backward_serial, backward_parallel = drivers(_backward)
+BACKWARD = drivers(_backward, backward_task=backward_task_relu)

@@ -11,12 +11,13 @@ plain ones stay as they are."""
 import numba
 import numpy as np
 
-from .jit import drivers, inline, jit
+from .jit import drivers, inline, jit, relu_pair
 from .layout import CHANNELS, INNER, NTASKS, W_MEAN, W_OFFSET, W_SCALE
 from .partition import four_row_sweeps, task
 from .stream import add_in_order, fmuladd, masked
 
 _U = np.uint64
+RELU = False  # a constant per compiled copy of gradsums_task (see jit.relu_pair)
 
 
 @inline
@@ -180,13 +181,13 @@ def _gradsums_planes_relu(dy, x, C, inner, o0, o1, c, mean, s1, s2, rm, rp, rq):
     s2[c] = acc2
 
 
-@jit
-def gradsums_task(plan, t, dy, x, mean, s1, s2, fwork, relu):
-    """Task ``t``'s sums; ``fwork`` (the forward's ``work``) is read only when ``relu``."""
+def _gradsums_task(plan, t, dy, x, mean, s1, s2, fwork, relu):
+    """Task ``t``'s sums; ``fwork`` (the forward's ``work``) is read only when ``relu``, in
+    the ``gradsums_task_relu`` copy."""
     b, lo, hi, c0, c1 = task(plan, t)
     C = _U(plan[CHANNELS])
     inner = _U(plan[INNER])
-    if relu:
+    if RELU and relu:
         rm, rp, rq = fwork[W_MEAN], fwork[W_SCALE], fwork[W_OFFSET]
         if inner == 1:
             _gradsums_rows_relu(dy, x, C, lo, hi, c0, c1, mean, s1[b], s2[b], rm, rp, rq)
@@ -198,12 +199,15 @@ def gradsums_task(plan, t, dy, x, mean, s1, s2, fwork, relu):
         _gradsums_planes(dy, x, C, inner, lo, hi, c0, mean, s1[b], s2[b])
 
 
+gradsums_task, gradsums_task_relu = relu_pair(jit, _gradsums_task)
+
+
 def _gradsums(plan, dy, x, mean, s1, s2, fwork, relu):
     for t in numba.prange(plan[NTASKS]):
         gradsums_task(plan, np.int64(t), dy, x, mean, s1, s2, fwork, relu)
 
 
-gradsums_serial, gradsums_parallel = drivers(_gradsums)
+GRADSUMS = drivers(_gradsums, gradsums_task=gradsums_task_relu)
 
 
 @jit

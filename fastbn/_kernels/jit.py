@@ -48,9 +48,27 @@ def _name(body, target):
     return f"{body.__name__.lstrip('_')}_{target}"
 
 
-def drivers(body):
-    """``(serial, parallel)`` dispatchers of a task loop ``for t in numba.prange(n): ...``:
-    the serial one runs the loop in order, the parallel one with ``parallel=True``.
+def relu_pair(decorator, body, **relu_versions):
+    """``(plain, relu)``: two functions made from ``body`` by ``decorator``, its global
+    ``RELU`` False in ``plain`` (named as ``body`` without its leading ``_``) and True in
+    ``relu`` (``<name>_relu``), where ``relu_versions`` also replace the globals they name
+    (the ReLU versions of the callees).
+
+    A ReLU fused after batch norm is a runtime ``relu`` argument of the passes (0, 1 or 2,
+    see ``affine``); its loops are guarded by ``RELU and ...``, and Numba drops a branch
+    on a constant global before typing: a call without ReLU compiles none of them (they
+    were 30% of the first float32 step's compile time)."""
+    name = body.__name__.lstrip("_")
+    plain = decorator(_copy(body, name, {"RELU": False}))
+    relu = decorator(_copy(body, name + "_relu", dict(relu_versions, RELU=True)))
+    return plain, relu
+
+
+def drivers(body, **relu_versions):
+    """``{(parallel, relu): dispatcher}`` of a task loop ``for t in numba.prange(n): ...``:
+    the serial one runs the loop in order, the parallel one with ``parallel=True``; the
+    ``relu`` ones call the tasks named in ``relu_versions`` (see ``relu_pair``; without
+    them the two are the same dispatchers).
 
     Write the body with explicit arguments, not ``*args``: a task called with a
     star-args tuple got every array of the tuple reference-counted (two atomic updates)
@@ -62,27 +80,38 @@ def drivers(body):
     links, so a library per level made the tasks' code go through LLVM once more per
     level (first float32 step 11.8 -> 10.2 s with the operations inlined too). The
     parallel one cannot be: its ``prange`` needs ``parallel=True``."""
-    serial = numba.njit(**_OPTIONS, inline="always")(_copy(body, _name(body, "serial"), {}))
-    parallel = numba.njit(**_OPTIONS, parallel=True)(_copy(body, _name(body, "parallel"), {}))
-    return serial, parallel
+    targets = {}
+    for relu in (False, True):
+        if relu and not relu_versions:
+            targets[False, True], targets[True, True] = targets[False, False], targets[True, False]
+            continue
+        replace = relu_versions if relu else {}
+        suffix = "_relu" if relu else ""
+        serial = _copy(body, _name(body, "serial") + suffix, replace)
+        parallel = _copy(body, _name(body, "parallel") + suffix, replace)
+        targets[False, relu] = numba.njit(**_OPTIONS, inline="always")(serial)
+        targets[True, relu] = numba.njit(**_OPTIONS, parallel=True)(parallel)
+    return targets
 
 
 def operations(body, **passes):
-    """The targets of a whole operation ``body``: ``{(parallel, fused): dispatcher}``.
+    """The targets of a whole operation ``body``: ``{(parallel, fused, relu): dispatcher}``.
 
-    Each name in ``passes`` maps to a ``(serial, parallel)`` pair: the body's global of
-    that name is the serial one in serial targets and the parallel one in the others, so
-    a small input compiles and runs only serial code. The body's global ``FUSED`` is a
-    constant in each target, and Numba drops the branch it rules out: a target compiles
-    either the fused-planes path or the two-pass one, never both. Targets are inlined
-    (Numba IR) where another operation calls them, called as usual from Python: a call
-    with ``*args`` cannot be inlined, so write the arguments out."""
+    Each name in ``passes`` maps to a ``{(parallel, relu): dispatcher}`` dict (``drivers``):
+    the body's global of that name is the serial one in serial targets and the parallel
+    one in the others, so a small input compiles and runs only serial code. The body's
+    globals ``FUSED`` and ``RELU`` are constants in each target, and Numba drops the
+    branch they rule out: a target compiles either the fused-planes path or the two-pass
+    one, never both, and ReLU code only in the ``relu`` targets (see ``relu_pair``).
+    Targets are inlined (Numba IR) where another operation calls them, called as usual
+    from Python: a call with ``*args`` cannot be inlined, so write the arguments out."""
     targets = {}
     for parallel in (False, True):
         for fused in (False, True):
-            replace = {k: v[parallel] for k, v in passes.items()}
-            replace["FUSED"] = fused
-            kind = ("parallel" if parallel else "serial") + ("_fused" if fused else "")
-            fn = _copy(body, _name(body, kind), replace)
-            targets[parallel, fused] = numba.njit(**_OPTIONS, inline="always")(fn)
+            for relu in (False, True):
+                replace = {k: v[parallel, relu] for k, v in passes.items()}
+                replace["FUSED"], replace["RELU"] = fused, relu
+                kind = ("parallel" if parallel else "serial") + ("_fused" if fused else "")
+                fn = _copy(body, _name(body, kind) + ("_relu" if relu else ""), replace)
+                targets[parallel, fused, relu] = numba.njit(**_OPTIONS, inline="always")(fn)
     return targets

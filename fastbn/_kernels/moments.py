@@ -103,7 +103,7 @@ def _moments(plan, x, s1, s2, shift):
         moments_task(plan, np.int64(t), x, s1, s2, shift)
 
 
-moments_serial, moments_parallel = drivers(_moments)
+MOMENTS = drivers(_moments)
 
 
 @exact

@@ -3,11 +3,12 @@
 Every operation is one Python body compiled into targets (``jit.operations``): serial
 targets call the passes' serial drivers, parallel ones their ``parallel=True`` drivers;
 fused targets hold the fused-planes path only (``FUSED``), the others the two-pass
-path. So a call compiles only the code its plan runs. In the bodies ``moments_pass``,
-``gradsums_pass``, ``affine_pass``, ``fused_forward_pass``, ``fused_backward_pass``
-and the ``*_op`` names are the pass of the target being compiled (the serial ones
-below are what a linter sees). ``TARGETS[name][parallel, fused]`` is an operation's
-dispatcher.
+path, and only the ``relu`` targets (``RELU``, for ``activation="relu"``) hold the
+ReLU loops. So a call compiles only the code its plan runs. In the bodies
+``moments_pass``, ``gradsums_pass``, ``affine_pass``, ``fused_forward_pass``,
+``fused_backward_pass`` and the ``*_op`` names are the pass of the target being compiled
+(the serial ones below are what a linter sees). ``TARGETS[name][parallel, fused, relu]``
+is an operation's dispatcher.
 
 Per-channel float64 arrays: ``stats`` is ``(4, C)``: mean, m2 (sum of squared
 deviations), biased variance, invstd; ``grads`` is ``(2, C)``: dgamma, dbeta; ``sums``
@@ -17,23 +18,24 @@ is ``(2, C)``: ``sum(dy)``, ``sum(dy * (x - mean))``.
 import numpy as np
 
 from . import fused
-from .affine import affine_parallel, affine_serial
+from .affine import AFFINE
 from .coefficients import any_clamped, new_work, working
-from .gradsums import gradsums_parallel, gradsums_serial, merge_sums
+from .gradsums import GRADSUMS, merge_sums
 from .jit import exact, operations
 from .layout import CHANNELS, NBLOCKS, W_DY_MEAN, W_DY_SCALE, W_MEAN, W_OFFSET, W_SCALE
-from .moments import merge_moments, moments_parallel, moments_serial, normalizers
+from .moments import MOMENTS, merge_moments, normalizers
 
 _PASSES = dict(
-    moments_pass=(moments_serial, moments_parallel),
-    gradsums_pass=(gradsums_serial, gradsums_parallel),
-    affine_pass=(affine_serial, affine_parallel),
-    fused_forward_pass=(fused.forward_serial, fused.forward_parallel),
-    fused_backward_pass=(fused.backward_serial, fused.backward_parallel),
+    moments_pass=MOMENTS,
+    gradsums_pass=GRADSUMS,
+    affine_pass=AFFINE,
+    fused_forward_pass=fused.FORWARD,
+    fused_backward_pass=fused.BACKWARD,
 )
-moments_pass, gradsums_pass, affine_pass = moments_serial, gradsums_serial, affine_serial
-fused_forward_pass, fused_backward_pass = fused.forward_serial, fused.backward_serial
-FUSED = False
+_SERIAL = False, False  # (parallel, relu)
+moments_pass, gradsums_pass, affine_pass = MOMENTS[_SERIAL], GRADSUMS[_SERIAL], AFFINE[_SERIAL]
+fused_forward_pass, fused_backward_pass = fused.FORWARD[_SERIAL], fused.BACKWARD[_SERIAL]
+FUSED = RELU = False
 TARGETS = {}
 
 
@@ -41,8 +43,9 @@ def _register(body):
     """Targets of ``body``; its two-pass pair becomes a pass the later bodies may call."""
     name = body.__name__.lstrip("_")
     targets = TARGETS[name] = operations(body, **_PASSES)
-    _PASSES[name + "_op"] = (targets[False, False], targets[True, False])
-    return targets[False, False]
+    both = (False, True)
+    _PASSES[name + "_op"] = {(p, r): targets[p, False, r] for p in both for r in both}
+    return targets[False, False, False]
 
 
 def _affine(plan, x, dy, out, m, p, q, g, dsum, n, with_dy, stream_bytes, fwork, relu):
@@ -221,7 +224,7 @@ def _backward(
         return not affine_op(
             plan, x, dy, dx, mean, p, q, g, dsum, n, centred, stream_bytes, fwork, relu
         )
-    if relu:  # dx = masked dy * gamma * invstd: x is read for the mask only
+    if RELU and relu:  # dx = masked dy * gamma * invstd: x is read for the mask only
         centred, mode = np.bool_(True), np.int64(2)
         return not affine_op(
             plan, x, dy, dx, q, q, q, g, q, 1.0, centred, stream_bytes, fwork, mode
