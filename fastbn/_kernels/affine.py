@@ -26,13 +26,14 @@ import numba
 import numpy as np
 
 from . import stream as S
-from .jit import drivers, inline, jit, relu_pair
+from .jit import drivers, inline, jit, planes_only, relu_pair
 from .layout import AFFINE_BLOCK, AFFINE_TASKS, CHANNELS, INNER, OUTER, W_MEAN, W_OFFSET, W_SCALE
 from .partition import task
 from .stream import LINE, fmuladd, masked, relu_max, store_fence
 
 _U = np.uint64
 RELU = False  # a constant per compiled copy of affine_task (see jit.relu_pair)
+ROWS = True  # False in the planes-only copies (see jit.planes_only)
 
 
 @inline
@@ -73,11 +74,14 @@ def _rows_plain(x, dy, out, m, p, q, g, d, rm, rp, rq, C, lo, hi, with_dy, mode)
 
 
 @inline
-def _run_rows(x, dy, out, m, p, q, g, d, rm, rp, rq, C, i0, n, j, with_dy, mode):
-    """``n`` flat elements from ``i0`` whose first is channel ``j``, ordinary stores."""
+def _run(x, dy, out, m, p, q, g, d, rm, rp, rq, C, i0, n, j, step, with_dy, mode):
+    """``n`` flat elements from ``i0`` whose first is channel ``j``, ordinary stores, the
+    channel advancing by ``step`` per element (1: a run of rows; 0: within one plane).
+    A streamed segment's head and tail (under a line each, in both families): one
+    scalar loop, not a vectorized nest per case that these few elements never reach."""
     for e in range(n):
         out[i0 + e] = _element(x, dy, m, p, q, g, d, rm, rp, rq, i0 + e, j, with_dy, mode)
-        j += _U(1)
+        j += step
         if j == C:
             j = _U(0)
 
@@ -87,9 +91,9 @@ def _plane_runs(x, dy, out, m, p, q, g, d, rm, rp, rq, c, first, count, stride, 
     """``count`` runs of ``n`` elements of channel ``c``, the first at flat index ``first``
     and each ``stride`` after the one before, with ordinary stores; one loop nest per
     case with the channel's coefficients in scalars. Called once per task for whole
-    planes (``count`` planes of ``inner``), and for a streamed plane's head and tail
-    (``count`` 1). (With a helper inlined per plane, the serial target of NCHW (32, 16, 8,
-    8) reference-counted every array argument per plane and ran ~10x slower.)"""
+    planes (``count`` planes of ``inner``). (With a helper inlined per plane, the serial
+    target of NCHW (32, 16, 8, 8) reference-counted every array argument per plane and ran
+    ~10x slower.)"""
     mc, pc, qc, gc, dc = m[c], p[c], q[c], g[c], d[c]
     if with_dy and mode:
         rmc, rpc, rqc = rm[c], rp[c], rq[c]
@@ -191,7 +195,7 @@ def _affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, rel
     ``affine_task_relu`` copy only; ``affine_task`` compiles no ReLU loop."""
     mode = relu if RELU else 0
     C = _U(plan[CHANNELS])
-    rows = plan[INNER] == 1
+    rows = plan[INNER] == 1 if ROWS else False
     rm, rp, rq = fwork[W_MEAN], fwork[W_SCALE], fwork[W_OFFSET]
     if rows:  # whole rows (see AFFINE_BLOCK)
         lo = _U(t * plan[AFFINE_BLOCK])
@@ -226,14 +230,9 @@ def _affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, rel
         for part in range(2):  # the head, then the tail (one inlined copy of the loops)
             i0 = k if part == 0 else k + tail
             n = head if part == 0 else seglen - tail
-            if rows:
-                j0 = _U(0) if part == 0 else tail % C
-                _run_rows(x, dy, out, m, p, q, g, d, rm, rp, rq, C, i0, n, j0, with_dy, mode)
-            else:
-                _plane_runs(
-                    x, dy, out, m, p, q, g, d, rm, rp, rq, c0, i0, _U(1), _U(0), n, with_dy,
-                    mode,
-                )  # fmt: skip
+            j0 = (_U(0) if part == 0 else tail % C) if rows else c0
+            step = _U(1) if rows else _U(0)
+            _run(x, dy, out, m, p, q, g, d, rm, rp, rq, C, i0, n, j0, step, with_dy, mode)
         j = head % C if rows else c0
         _lines(x, dy, out, m, p, q, g, d, rm, rp, rq, C, k + head, nlines, j, rows, with_dy, mode)
         streamed = streamed or nlines > _U(0)
@@ -242,6 +241,8 @@ def _affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, rel
 
 
 affine_task, affine_task_relu = relu_pair(jit, _affine_task)
+affine_task_planes = planes_only(jit, affine_task)
+affine_task_relu_planes = planes_only(jit, affine_task_relu)
 
 
 def _affine(plan, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, relu):

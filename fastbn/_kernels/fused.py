@@ -11,12 +11,12 @@ channel, so both paths give the same bits.
 import numba
 import numpy as np
 
-from .affine import affine_task, affine_task_relu
+from .affine import affine_task, affine_task_planes, affine_task_relu_planes
 from .coefficients import working_channel
-from .gradsums import gradsums_task, gradsums_task_relu
+from .gradsums import gradsums_task, gradsums_task_planes, gradsums_task_relu_planes
 from .jit import drivers, exact, jit, relu_pair
 from .layout import NTASKS, W_DY_MEAN, W_DY_SCALE, W_MEAN, W_OFFSET, W_SCALE
-from .moments import merge_channel, moments_task, normalizer
+from .moments import merge_channel, moments_task, moments_task_planes, normalizer
 
 RELU = False  # a constant per compiled copy of the tasks (see jit.relu_pair)
 
@@ -55,7 +55,15 @@ def _forward_task(
     affine_task(plan, t, x, x, y, w[0], w[1], w[2], w[3], w[4], np.bool_(False), stream, work, relu)
 
 
-forward_task, forward_task_relu = relu_pair(jit, _forward_task, affine_task=affine_task_relu)
+# the planes-only copies of the passes' tasks (a fused plan is never rows)
+_PLANES = dict(
+    affine_task=affine_task_planes,
+    moments_task=moments_task_planes,
+    gradsums_task=gradsums_task_planes,
+)
+forward_task, forward_task_relu = relu_pair(
+    jit, _forward_task, _PLANES, affine_task=affine_task_relu_planes
+)
 
 
 def _forward(
@@ -117,7 +125,11 @@ def _backward_task(
 
 
 backward_task, backward_task_relu = relu_pair(
-    jit, _backward_task, gradsums_task=gradsums_task_relu, affine_task=affine_task_relu
+    jit,
+    _backward_task,
+    _PLANES,
+    gradsums_task=gradsums_task_relu_planes,
+    affine_task=affine_task_relu_planes,
 )
 
 

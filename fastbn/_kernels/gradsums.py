@@ -11,13 +11,14 @@ plain ones stay as they are."""
 import numba
 import numpy as np
 
-from .jit import drivers, inline, jit, relu_pair
+from .jit import drivers, inline, jit, planes_only, relu_pair
 from .layout import CHANNELS, INNER, NTASKS, W_MEAN, W_OFFSET, W_SCALE
 from .partition import four_row_sweeps, task
 from .stream import add_in_order, fmuladd, masked
 
 _U = np.uint64
 RELU = False  # a constant per compiled copy of gradsums_task (see jit.relu_pair)
+ROWS = True  # False in the planes-only copies (see jit.planes_only)
 
 
 @inline
@@ -189,17 +190,19 @@ def _gradsums_task(plan, t, dy, x, mean, s1, s2, fwork, relu):
     inner = _U(plan[INNER])
     if RELU and relu:
         rm, rp, rq = fwork[W_MEAN], fwork[W_SCALE], fwork[W_OFFSET]
-        if inner == 1:
+        if ROWS and inner == 1:
             _gradsums_rows_relu(dy, x, C, lo, hi, c0, c1, mean, s1[b], s2[b], rm, rp, rq)
         else:
             _gradsums_planes_relu(dy, x, C, inner, lo, hi, c0, mean, s1[b], s2[b], rm, rp, rq)
-    elif inner == 1:
+    elif ROWS and inner == 1:
         _gradsums_rows(dy, x, C, lo, hi, c0, c1, mean, s1[b], s2[b])
     else:
         _gradsums_planes(dy, x, C, inner, lo, hi, c0, mean, s1[b], s2[b])
 
 
 gradsums_task, gradsums_task_relu = relu_pair(jit, _gradsums_task)
+gradsums_task_planes = planes_only(jit, gradsums_task)
+gradsums_task_relu_planes = planes_only(jit, gradsums_task_relu)
 
 
 def _gradsums(plan, dy, x, mean, s1, s2, fwork, relu):

@@ -48,20 +48,31 @@ def _name(body, target):
     return f"{body.__name__.lstrip('_')}_{target}"
 
 
-def relu_pair(decorator, body, **relu_versions):
+def relu_pair(decorator, body, common=None, **relu_versions):
     """``(plain, relu)``: two functions made from ``body`` by ``decorator``, its global
     ``RELU`` False in ``plain`` (named as ``body`` without its leading ``_``) and True in
     ``relu`` (``<name>_relu``), where ``relu_versions`` also replace the globals they name
-    (the ReLU versions of the callees).
+    (the ReLU versions of the callees); ``common`` replaces globals in both.
 
     A ReLU fused after batch norm is a runtime ``relu`` argument of the passes (0, 1 or 2,
     see ``affine``); its loops are guarded by ``RELU and ...``, and Numba drops a branch
     on a constant global before typing: a call without ReLU compiles none of them (they
     were 30% of the first float32 step's compile time)."""
     name = body.__name__.lstrip("_")
-    plain = decorator(_copy(body, name, {"RELU": False}))
-    relu = decorator(_copy(body, name + "_relu", dict(relu_versions, RELU=True)))
+    common = common or {}
+    plain = decorator(_copy(body, name, dict(common, RELU=False)))
+    relu = decorator(_copy(body, name + "_relu", dict(common, **relu_versions, RELU=True)))
     return plain, relu
+
+
+def planes_only(decorator, dispatcher):
+    """A copy of ``dispatcher``'s function (``<name>_planes``) with its global ``ROWS``
+    False: the rows family's loops, behind ``ROWS and ...``, are dropped before typing.
+    For the fused-planes tasks, which only ever run planes: the task code linked into
+    their targets (and re-optimized in each of them, three times more in a parallel
+    driver's wrappers) shrinks by the rows loops."""
+    fn = dispatcher.py_func
+    return decorator(_copy(fn, fn.__name__ + "_planes", {"ROWS": False}))
 
 
 def drivers(body, **relu_versions):

@@ -10,7 +10,7 @@ of squared deviations).
 import numba
 import numpy as np
 
-from .jit import drivers, exact, jit
+from .jit import drivers, exact, jit, planes_only
 from .layout import CHANNELS, INNER, NTASKS
 from .partition import four_row_sweeps, task
 
@@ -88,14 +88,20 @@ def _moments_planes(x, C, inner, o0, o1, c, s1, s2, shift):
     shift[c] = s
 
 
+ROWS = True  # False in the planes-only copy (see jit.planes_only)
+
+
 @jit
 def moments_task(plan, t, x, s1, s2, shift):
     b, lo, hi, c0, c1 = task(plan, t)
     C = _U(plan[CHANNELS])
-    if plan[INNER] == 1:
+    if ROWS and plan[INNER] == 1:
         _moments_rows(x, C, lo, hi, c0, c1, s1[b], s2[b], shift[b])
     else:
         _moments_planes(x, C, _U(plan[INNER]), lo, hi, c0, s1[b], s2[b], shift[b])
+
+
+moments_task_planes = planes_only(jit, moments_task)
 
 
 def _moments(plan, x, s1, s2, shift):
