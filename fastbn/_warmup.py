@@ -104,7 +104,7 @@ def _run_jobs(jobs, steps, quiet):
         _training_step(shape, np.dtype(name), activation)
         seconds = time.perf_counter() - t0
         compiled = kernel_cache_stats()["compiled"] - c0
-        steps.append((name, family, target, seconds, compiled))
+        steps.append((name, family, target, seconds, compiled, activation))
         if not quiet:
             what = f"{name} {target} {family} {shape}" + (" ReLU" if activation else "")
             done = f"compiled {compiled} functions" if compiled else "from cache"
@@ -122,7 +122,8 @@ def warmup(dtype="both", *, serial_only=False, relu=False, quiet=False):
 
     Returns a dict: ``seconds`` (float), ``compiled`` and ``loaded`` (numbers of kernel
     signatures this call compiled, and loaded from Numba's disk cache), ``steps`` (a list
-    of ``(dtype, family, target, seconds, compiled)``). A second call, or one in a later
+    of ``(dtype, family, target, seconds, compiled, activation)``, activation None or
+    ``"relu"``). A second call, or one in a later
     process with the same cache, compiles nothing.
     """
     _check_arguments(dtype, serial_only, relu, quiet)
