@@ -26,28 +26,41 @@ from ._view import (
 _TooHardError = getattr(np, "exceptions", np).TooHardError
 
 
-def _plain_params(C, x, params):
-    """True when every parameter is None or a plain native float32/float64 array of shape
-    ``(C,)`` owning its buffer, and ``x`` and the parameters given are distinct objects:
-    then none can overlap another (the quick form of ``channel_param`` and
-    ``check_disjoint``). An output whose memory fastbn recycles (``fastbn._memory``)
-    owns it through its lease."""
-    seen = [x]
-    for p in params:
-        if p is None:
-            continue
-        if type(p) is not np.ndarray or (p.dtype is not _FLOAT32 and p.dtype is not _FLOAT64):
-            return False
-        if p.ndim != 1 or p.shape[0] != C:
-            return False
-        base = p.base
-        if base is not None and type(base) is not _memory.Lease:
-            return False
-        for q in seen:
-            if q is p:
-                return False
-        seen.append(p)
-    return True
+def _plain_param(p, C):
+    """``p`` is None or a plain native float32/float64 array of shape ``(C,)`` owning its
+    buffer (an output whose memory fastbn recycles, ``fastbn._memory``, owns it through
+    its lease)."""
+    if p is None:
+        return True
+    if type(p) is not np.ndarray or (p.dtype is not _FLOAT32 and p.dtype is not _FLOAT64):
+        return False
+    if p.ndim != 1 or p.shape[0] != C:
+        return False
+    base = p.base
+    return base is None or type(base) is _memory.Lease
+
+
+def _plain_params(C, x, gamma, beta, running_mean, running_var):
+    """True when every parameter passes ``_plain_param`` and ``x`` and the parameters
+    given are distinct objects: then none can overlap another (the quick form of
+    ``channel_param`` and ``check_disjoint``)."""
+    if not (
+        _plain_param(gamma, C)
+        and _plain_param(beta, C)
+        and _plain_param(running_mean, C)
+        and _plain_param(running_var, C)
+    ):
+        return False
+    # each one given is none of the objects before it (a None matches no given one)
+    if gamma is x or beta is x or running_mean is x or running_var is x:
+        return False
+    if beta is not None and beta is gamma:
+        return False
+    if running_mean is not None and (running_mean is gamma or running_mean is beta):
+        return False
+    return running_var is None or not (
+        running_var is gamma or running_var is beta or running_var is running_mean
+    )
 
 
 def check_batch(view, training, running_var_ddof=1):
@@ -273,17 +286,17 @@ def quick_view(
     float ``eps`` and ``momentum``, ``out`` None or such an array of x's shape and dtype.
     In eval mode it raises ``forward_args``'s error for a negative ``running_var`` (its
     last check, so no other error comes first)."""
-    if out is not None and not _plain_out(out, x):
+    if type(eps) is not float or type(ddof) is not int or not 0.0 < eps < math.inf:
+        return None
+    if not 0 <= ddof <= 1 or (out is not None and not _plain_out(out, x)):
         return None
     view = fast_view(x, axis)
-    if view is None or type(eps) is not float or not 0.0 < eps < math.inf:
-        return None
-    if type(ddof) is not int or not 0 <= ddof <= 1:
+    if view is None:
         return None
     base = x.base
     if base is not None and type(base) is not _memory.Lease:
         return None
-    if not _plain_params(view.C, x, (gamma, beta, running_mean, running_var)):
+    if not _plain_params(view.C, x, gamma, beta, running_mean, running_var):
         return None
     if training is True:
         if type(momentum) is float:

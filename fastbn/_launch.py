@@ -14,6 +14,14 @@ _STAND_IN = {"f": np.zeros(1, np.float32), "d": np.zeros(1, np.float64)}
 _NO_FWORK = {c: np.zeros((layout.WORK_ROWS, 1), c) for c in "fd"}
 
 
+# the serial targets by relu, then (operation, fused): the quick paths' direct calls
+_SERIAL = {
+    relu: {(name, fused): targets[False, fused, relu] for name, targets in ops.TARGETS.items()
+           for fused in (False, True)}
+    for relu in (False, True)
+}  # fmt: skip
+
+
 def _call(plan, name, fused, relu, *args):
     """Run operation ``name`` in the target the plan needs (``ops.TARGETS``): serial for
     small inputs, else serial or parallel as ``fastbn._choice`` finds faster; ``relu``:
@@ -58,6 +66,21 @@ def _kernel_running(a):
     return a.astype(np.float64)
 
 
+def _running_args(x, rm, rv, momentum, ddof, n):
+    """The ``running`` tuple of the forward_train kernels: ``(running_mean, running_var,
+    momentum, update_mean, update_var, ddof, n)`` for arrays the kernels can update."""
+    momentum = 0.0 if momentum is None else float(momentum)
+    if rm is not None and rv is not None:
+        return (rm, rv, momentum, True, True, float(ddof), n)
+    # an absent running array is replaced by a same-dtype stand-in that is not written,
+    # so that the common cases share one compiled signature
+    stand_in = rv if rm is None else rm
+    if stand_in is None:
+        stand_in = _STAND_IN[x.dtype.char]
+    pair = (stand_in if rm is None else rm, stand_in if rv is None else rv)
+    return pair + (momentum, rm is not None, rv is not None, float(ddof), n)
+
+
 def forward_train(
     plan, x, y, gamma, beta, eps, running_mean, running_var, momentum, ddof=1, relu=False,
     stats=None,
@@ -75,17 +98,7 @@ def forward_train(
     else:
         result[0], result[1], n, have_stats = stats[0], stats[1], float(stats[2]), True
     rm, rv = _kernel_running(running_mean), _kernel_running(running_var)
-    momentum = 0.0 if momentum is None else float(momentum)
-    if rm is not None and rv is not None:
-        running = (rm, rv, momentum, True, True, float(ddof), n)
-    else:
-        # an absent running array is replaced by a same-dtype stand-in that is not
-        # written, so that the common cases share one compiled signature
-        stand_in = rv if rm is None else rm
-        if stand_in is None:
-            stand_in = _STAND_IN[x.dtype.char]
-        pair = (stand_in if rm is None else rm, stand_in if rv is None else rv)
-        running = pair + (momentum, rm is not None, rv is not None, float(ddof), n)
+    running = _running_args(x, rm, rv, momentum, ddof, n)
     args = (plan.ints, plan.counts, x, y, gamma, beta, eps, result, have_stats)
     relu = bool(relu)
     finite, fits = _call(
@@ -98,6 +111,39 @@ def forward_train(
     if rv is not running_var:
         running_var[...] = rv
     return result, finite
+
+
+def forward_quick(plan, x, y, gamma, beta, eps, running_mean, running_var, momentum, ddof, relu):
+    """``forward_train`` (``training``) or ``forward_eval`` (``training`` None: then
+    ``momentum``/``ddof`` are unused) of the call path for arguments the quick checks
+    passed (``fastbn._checks.quick_view``): flat C-contiguous ``x``/``y``, ``gamma``,
+    ``beta`` and the running arrays None or native float32/float64 arrays. Returns
+    ``(stats, finite)`` as ``forward_train`` does (``finite`` True in eval mode)."""
+    kernel_gamma = _param(gamma, plan.ones)
+    kernel_beta = _param(beta, plan.zeros)
+    mode = int(relu)
+    if ddof is None:
+        stats = np.empty((4, plan.C))
+        stats[0], stats[2] = running_mean, running_var
+        args = (plan.ints, x, y, kernel_gamma, kernel_beta, eps, stats, _plan.STREAM_BYTES, mode)
+        if plan.parallel:
+            fits = _call(plan, "forward_eval", False, relu, *args)
+        else:
+            fits = _SERIAL[relu]["forward_eval", False](*args)
+        if not fits:
+            _affine_float64(plan, y, x, stats[0], stats[3] * kernel_gamma, kernel_beta, relu=relu)
+        return stats, True, kernel_gamma, kernel_beta
+    stats = np.empty((4, plan.C))
+    running = _running_args(x, running_mean, running_var, momentum, ddof, plan.count)
+    args = (plan.ints, plan.counts, x, y, kernel_gamma, kernel_beta, eps, stats, False)
+    args += (_plan.STREAM_BYTES, running, mode)
+    if plan.parallel:
+        finite, fits = _call(plan, "forward_train", plan.fused, relu, *args)
+    else:
+        finite, fits = _SERIAL[relu]["forward_train", plan.fused](*args)
+    if not fits:
+        _affine_float64(plan, y, x, stats[0], stats[3] * kernel_gamma, kernel_beta, relu=relu)
+    return stats, finite, kernel_gamma, kernel_beta
 
 
 def forward_eval(plan, x, y, gamma, beta, eps, mean, var, relu=False):
@@ -142,8 +188,13 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training, n=None, sums=None, 
     if not relu:
         fwork = _NO_FWORK[x.dtype.char]
     args = (plan.ints, dy, x, dx, mean, invstd, gamma, n, bool(training), grads, sums)
-    args += (have_sums, _plan.STREAM_BYTES, fwork, 1 if relu else 0)
-    if not _call(plan, "backward", plan.fused and not have_sums, relu, *args):
+    args += (have_sums, _plan.STREAM_BYTES, fwork, int(relu))
+    fused = plan.fused and not have_sums
+    if plan.parallel:
+        fits = _call(plan, "backward", fused, relu, *args)
+    else:
+        fits = _SERIAL[relu]["backward", fused](*args)
+    if not fits:
         if relu:  # redo as the composition, whose float64 path follows
             dy = _activation.masked_dy(plan, dy, x, fwork)
             given = sums if have_sums else None

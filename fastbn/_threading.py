@@ -106,6 +106,14 @@ def serialized():
     return _SERIALIZE
 
 
+try:  # Numba's pool state and per-thread count, read directly (``parallel_usable``)
+    from numba.np.ufunc import parallel as _parallel_module
+
+    if not hasattr(_parallel_module, "_is_initialized"):
+        _parallel_module = None
+except ImportError:  # another Numba layout: get_num_threads is used
+    _parallel_module = None
+
 _started = []
 _forked = []  # non-empty in a child forked after the thread pool started
 
@@ -126,6 +134,10 @@ def parallel_usable():
     whose GNU OpenMP pool started (it would be terminated), and more than one thread."""
     if _forked and _LAYER == "omp":
         return False
+    if _parallel_module is not None and _parallel_module._is_initialized:
+        # once the pool is up, the per-thread count without get_num_threads' two locks
+        # (0.08 us against 0.55 us: this runs before every call of a parallel-sized plan)
+        return _parallel_module._get_num_threads() > 1
     return numba.get_num_threads() > 1
 
 

@@ -299,19 +299,24 @@ def _quick(
     when training); float ``eps`` and ``momentum``; ``out`` None or a writable
     C-contiguous array like ``x`` owning its memory."""
     x_flat = x.ravel()
-    y, y_flat = view.empty() if out is None else (out, out.ravel())
-    relu = activation is not None
-    plan = view.plan
-    kernel_gamma, kernel_beta = _launch.params(plan, gamma, beta)
-    args = (plan, x_flat, y_flat, kernel_gamma, kernel_beta, eps, running_mean, running_var)
-    if training:
-        stats, finite = _launch.forward_train(*args, momentum, ddof, relu)
-        if not finite:
-            _warn_overflow(stats[2])
+    if out is None:
+        y, y_flat = view.empty()
     else:
-        stats = _launch.forward_eval(*args, relu)
-    gamma_copy = None if gamma is None else np.array(kernel_gamma)  # a snapshot for backward
-    beta_copy = (None if beta is None else np.array(kernel_beta)) if relu else None
+        y, y_flat = out, out.ravel()
+    relu = activation is not None
+    args = (view.plan, x_flat, y_flat, gamma, beta, eps, running_mean, running_var, momentum)
+    stats, finite, kernel_gamma, kernel_beta = _launch.forward_quick(
+        *args, ddof if training else None, relu
+    )
+    if not finite:
+        _warn_overflow(stats[2])
+    # snapshots for backward (a float64 conversion is one already)
+    gamma_copy = None
+    if gamma is not None:
+        gamma_copy = kernel_gamma.copy() if kernel_gamma is gamma else kernel_gamma
+    beta_copy = None
+    if relu and beta is not None:
+        beta_copy = kernel_beta.copy() if kernel_beta is beta else kernel_beta
     args = (gamma_copy, gamma, beta, stats, training, activation, beta_copy)
     return y, BatchNormCache(x, x_flat, view, *args)
 
