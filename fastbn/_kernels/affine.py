@@ -26,7 +26,7 @@ import numba
 import numpy as np
 
 from . import stream as S
-from .jit import drivers, inline, jit, planes_only, relu_pair
+from .jit import borrowing, drivers, inline, planes_only, relu_pair
 from .layout import AFFINE_BLOCK, AFFINE_TASKS, CHANNELS, INNER, OUTER, W_MEAN, W_OFFSET, W_SCALE
 from .partition import task
 from .stream import LINE, fmuladd, masked, relu_max, store_fence
@@ -156,7 +156,7 @@ def _lines(x, dy, out, m, p, q, g, d, rm, rp, rq, C, k, nlines, j, rows, with_dy
                 j -= C
 
 
-@jit
+@borrowing
 def _eval_relu_dx(plan, x, dy, out, q, g, d, rm, rp, rq, lo, hi, c0):
     """``relu == 2``: ``out = (dy * (pre > 0) - d) * g + q`` over rows ``[lo, hi)`` or
     over the planes of channel ``c0`` of outer indices ``[lo, hi)``."""
@@ -240,9 +240,9 @@ def _affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, rel
         store_fence()
 
 
-affine_task, affine_task_relu = relu_pair(jit, _affine_task)
-affine_task_planes = planes_only(jit, affine_task)
-affine_task_relu_planes = planes_only(jit, affine_task_relu)
+affine_task, affine_task_relu = relu_pair(borrowing, _affine_task)
+affine_task_planes = planes_only(borrowing, affine_task)
+affine_task_relu_planes = planes_only(borrowing, affine_task_relu)
 
 
 def _affine(plan, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, relu):

@@ -13,14 +13,14 @@ flagged (``W_CLAMPED``): the caller then redoes the pass in float64 (``fastbn._l
 
 import numpy as np
 
-from .jit import _copy, exact, jit
+from .jit import _copy, borrowing, exact, exact_borrowing, jit
 from .layout import W_CLAMPED, W_DY_MEAN, W_DY_SCALE, W_MEAN, W_OFFSET, W_SCALE, WORK_ROWS
 from .stream import LINE, fmuladd
 
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
-@exact
+@exact_borrowing
 def _narrow(work, i, c, value):
     """``work[i, c] = value`` in ``work``'s dtype. True when a finite value does not fit
     (float32 beyond 3.4e38); it is then clamped to the largest float32."""
@@ -31,7 +31,7 @@ def _narrow(work, i, c, value):
     return False
 
 
-@exact
+@exact_borrowing
 def _offset(m, m_w, p, q, g, d_w):
     """``q + (m_w - m) * p + d_w * g`` in float64, a term skipped when its first factor is
     0 (so an inf ``p`` or ``g`` makes no NaN). Fused multiply-adds, which no fastmath
@@ -57,8 +57,9 @@ def _working_channel(m, p, q, g, dsum, n, center, c, work):
     work[W_CLAMPED, c] = 1.0 if clamped else 0.0
 
 
-working_channel = exact(_working_channel)
-_clamp_channel = exact(_copy(_working_channel, "clamp_channel", {}))  # the rare clamping pass
+working_channel = exact_borrowing(_working_channel)
+# the rare clamping pass
+_clamp_channel = exact_borrowing(_copy(_working_channel, "clamp_channel", {}))
 
 
 @jit
@@ -67,7 +68,7 @@ def new_work(out, C):
     return np.empty((WORK_ROWS, C + LINE), out.dtype)
 
 
-@jit
+@borrowing
 def any_clamped(work, C):
     for c in range(C):
         if work[W_CLAMPED, c] != 0.0:

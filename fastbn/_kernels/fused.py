@@ -14,7 +14,7 @@ import numpy as np
 from .affine import affine_task, affine_task_planes, affine_task_relu_planes
 from .coefficients import working_channel
 from .gradsums import gradsums_task, gradsums_task_planes, gradsums_task_relu_planes
-from .jit import drivers, exact, jit, relu_pair
+from .jit import borrowing, drivers, exact_borrowing, relu_pair
 from .layout import NTASKS, W_DY_MEAN, W_DY_SCALE, W_MEAN, W_OFFSET, W_SCALE
 from .moments import merge_channel, moments_task, moments_task_planes, normalizer
 
@@ -62,7 +62,7 @@ _PLANES = dict(
     gradsums_task=gradsums_task_planes,
 )
 forward_task, forward_task_relu = relu_pair(
-    jit, _forward_task, _PLANES, affine_task=affine_task_relu_planes
+    borrowing, _forward_task, _PLANES, affine_task=affine_task_relu_planes
 )
 
 
@@ -80,7 +80,7 @@ def _forward(
 FORWARD = drivers(_forward, forward_task=forward_task_relu)
 
 
-@exact
+@exact_borrowing
 def grad_params(c, sum_dy, sum_dy_xc, invstd, gamma, n, training, grads, coef):
     """Channel ``c``'s ``dgamma``, ``dbeta`` (``grads[0:2, c]``) and the coefficients
     ``g, p, q`` (``coef[0:3, c]``) of ``dx = dy * g + (x - mean) * p + q``."""
@@ -125,7 +125,7 @@ def _backward_task(
 
 
 backward_task, backward_task_relu = relu_pair(
-    jit,
+    borrowing,
     _backward_task,
     _PLANES,
     gradsums_task=gradsums_task_relu_planes,

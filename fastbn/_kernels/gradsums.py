@@ -11,7 +11,7 @@ plain ones stay as they are."""
 import numba
 import numpy as np
 
-from .jit import drivers, inline, jit, planes_only, relu_pair
+from .jit import borrowing, drivers, inline, jit, planes_only, relu_pair
 from .layout import CHANNELS, INNER, NTASKS, W_MEAN, W_OFFSET, W_SCALE
 from .partition import four_row_sweeps, task
 from .stream import add_in_order, fmuladd, masked
@@ -113,7 +113,7 @@ def _gradsums_rows_relu(dy, x, C, r0, r1, c0, c1, mean, s1, s2, rm, rp, rq):
         s2[c0 + j] = acc2[j]
 
 
-@jit
+@borrowing
 def _gradsums_planes(dy, x, C, inner, o0, o1, c, mean, s1, s2):
     """Two planes at a time, as ``moments._moments_planes``."""
     m = mean[c]
@@ -145,7 +145,7 @@ def _gradsums_planes(dy, x, C, inner, o0, o1, c, mean, s1, s2):
     s2[c] = acc2
 
 
-@jit
+@borrowing
 def _gradsums_planes_relu(dy, x, C, inner, o0, o1, c, mean, s1, s2, rm, rp, rq):
     """``_gradsums_planes`` of the masked ``dy``."""
     m = mean[c]
@@ -196,9 +196,9 @@ def _gradsums_task(plan, t, dy, x, mean, s1, s2, fwork, relu):
         _gradsums_planes(dy, x, C, inner, lo, hi, c0, mean, s1[b], s2[b])
 
 
-gradsums_task, gradsums_task_relu = relu_pair(jit, _gradsums_task)
-gradsums_task_planes = planes_only(jit, gradsums_task)
-gradsums_task_relu_planes = planes_only(jit, gradsums_task_relu)
+gradsums_task, gradsums_task_relu = relu_pair(borrowing, _gradsums_task)
+gradsums_task_planes = planes_only(borrowing, gradsums_task)
+gradsums_task_relu_planes = planes_only(borrowing, gradsums_task_relu)
 
 
 def _gradsums(plan, dy, x, mean, s1, s2, fwork, relu):
@@ -209,7 +209,7 @@ def _gradsums(plan, dy, x, mean, s1, s2, fwork, relu):
 GRADSUMS = drivers(_gradsums, gradsums_task=gradsums_task_relu)
 
 
-@jit
+@borrowing
 def merge_sums(s1, s2, sum1, sum2):
     """Per-channel sums of block partials, in block order (channels innermost, so the
     loop vectorizes)."""

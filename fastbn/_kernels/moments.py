@@ -10,7 +10,7 @@ of squared deviations).
 import numba
 import numpy as np
 
-from .jit import drivers, exact, jit, planes_only
+from .jit import borrowing, drivers, exact_borrowing, jit, planes_only
 from .layout import CHANNELS, INNER, NTASKS
 from .partition import four_row_sweeps, task
 
@@ -54,7 +54,7 @@ def _moments_rows(x, C, r0, r1, c0, c1, s1, s2, shift):
         shift[c0 + j] = s[j]
 
 
-@jit
+@borrowing
 def _moments_planes(x, C, inner, o0, o1, c, s1, s2, shift):
     """Two planes at a time: two streams from memory at once keep more reads in flight
     than one (each plane is short, and the prefetcher starts over at every plane)."""
@@ -91,7 +91,7 @@ def _moments_planes(x, C, inner, o0, o1, c, s1, s2, shift):
 ROWS = True  # False in the planes-only copy (see jit.planes_only)
 
 
-@jit
+@borrowing
 def moments_task(plan, t, x, s1, s2, shift):
     b, lo, hi, c0, c1 = task(plan, t)
     C = _U(plan[CHANNELS])
@@ -101,7 +101,7 @@ def moments_task(plan, t, x, s1, s2, shift):
         _moments_planes(x, C, _U(plan[INNER]), lo, hi, c0, s1[b], s2[b], shift[b])
 
 
-moments_task_planes = planes_only(jit, moments_task)
+moments_task_planes = planes_only(borrowing, moments_task)
 
 
 def _moments(plan, x, s1, s2, shift):
@@ -112,7 +112,7 @@ def _moments(plan, x, s1, s2, shift):
 MOMENTS = drivers(_moments)
 
 
-@exact
+@exact_borrowing
 def merge_channel(s1, s2, shift, counts, c):
     """Chan's merge of channel ``c``'s per-block shifted sums, in block order ->
     ``(mean, m2)``. Block ``b`` holds ``counts[b]`` values with ``s1 = sum(x - shift)``
@@ -139,7 +139,7 @@ def merge_channel(s1, s2, shift, counts, c):
     return mu, (m2 if m2 > 0.0 or m2 != m2 else 0.0)
 
 
-@exact
+@exact_borrowing
 def merge_moments(s1, s2, shift, counts, mean, m2):
     """Chan's merge of every channel's per-block shifted sums, in block order (the formula
     of ``merge_channel``), with the blocks outermost so that the loop over channels
@@ -166,14 +166,14 @@ def merge_moments(s1, s2, shift, counts, mean, m2):
         m2[c] = m2[c] if m2[c] > 0.0 or m2[c] != m2[c] else 0.0
 
 
-@exact
+@exact_borrowing
 def normalizer(var, gamma, eps, invstd, scale, c):
     """Channel ``c``'s ``invstd = 1 / sqrt(var + eps)`` and ``scale = invstd * gamma``."""
     invstd[c] = 1.0 / np.sqrt(var[c] + eps)
     scale[c] = invstd[c] * gamma[c]
 
 
-@exact
+@exact_borrowing
 def normalizers(var, gamma, eps, invstd, scale):
     """``normalizer`` of every channel, in one loop that vectorizes (square roots and
     divisions are correctly rounded in vector code too: the same bits)."""

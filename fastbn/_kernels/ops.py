@@ -21,7 +21,7 @@ from . import fused
 from .affine import AFFINE
 from .coefficients import any_clamped, new_work, working
 from .gradsums import GRADSUMS, merge_sums
-from .jit import exact, operations
+from .jit import exact_borrowing, operations
 from .layout import CHANNELS, NBLOCKS, W_DY_MEAN, W_DY_SCALE, W_MEAN, W_OFFSET, W_SCALE
 from .moments import MOMENTS, merge_moments, normalizers
 
@@ -74,7 +74,7 @@ def _moments(plan, counts, x, stats):
 moments_op = _register(_moments)
 
 
-@exact
+@exact_borrowing
 def _blend(running, batch, momentum):
     """``(1 - momentum) * running + momentum * batch``. Reassociated (fastmath, also
     after inlining) as ``running + momentum * (batch - running)`` it would turn an inf
@@ -84,7 +84,7 @@ def _blend(running, batch, momentum):
     return running + momentum * batch  # inf stays inf unless batch brings a NaN / -inf
 
 
-@exact
+@exact_borrowing
 def update_running(running, batch, scale, momentum):
     """``running = (1 - momentum) * running + momentum * batch * scale`` per channel; a
     term whose factor is 0 is skipped, so ``momentum=1`` replaces an inf running value
@@ -99,7 +99,7 @@ def update_running(running, batch, scale, momentum):
             running[c] = _blend(running[c], value, momentum)
 
 
-@exact
+@exact_borrowing
 def _running(stats, n, ddof, running_mean, running_var, momentum, update_mean, update_var):
     """The running statistics' update from ``stats`` of ``n`` values per channel: the
     batch variance with ``ddof`` (1: unbiased, 0: biased) goes into ``running_var``."""
@@ -109,7 +109,7 @@ def _running(stats, n, ddof, running_mean, running_var, momentum, update_mean, u
         update_running(running_var, stats[2], n / (n - ddof), momentum)
 
 
-@exact
+@exact_borrowing
 def _check_variance(stats):
     """False when some variance is not finite; a NaN variance (a NaN or inf in the
     channel) makes that channel's mean NaN too."""

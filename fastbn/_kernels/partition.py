@@ -7,13 +7,13 @@ A reduction task is block ``b`` of rows (outer indices) times split ``k`` of col
 
 import numpy as np
 
-from .jit import jit
+from .jit import borrowing
 from .layout import BLOCK_LEN, CHANNELS, NSPLIT, OUTER, SPLIT_WIDTH
 
 _U = np.uint64
 
 
-@jit
+@borrowing
 def task(plan, t):
     """Block index and unsigned ranges ``[lo, hi)`` (rows/outer), ``[c0, c1)`` (channels)."""
     nsplit = plan[NSPLIT]
@@ -32,7 +32,7 @@ def task(plan, t):
 CACHED_BYTES = 1 << 20
 
 
-@jit
+@borrowing
 def four_row_sweeps(C, itemsize, small_rows, size):
     """Whether the per-column reductions of the rows family sweep four rows at a time
     (accumulators loaded and stored once per four rows) or one, for ``size`` elements
