@@ -23,8 +23,11 @@ _SPLIT_WIDTH = 1024
 # performance notes). Wide rows still give many tasks through their column splits.
 _MAX_BLOCKS = 64
 _MAX_PARTIALS = 1 << 15
-# Below this many elements a parallel region costs more than it saves.
-SERIAL_BELOW = 1 << 15
+# Below this many elements a parallel region costs more than it saves: at 32K float32
+# elements (NCHW (32, 16, 8, 8)) the parallel forward kernel was 10.9 us against 12.1 us
+# serial, but whole calls on 2 threads took 18.9 us against 16.9 us on one (waking the
+# threads, timing both modes); at 64K, 24.4 us against 26.8 us.
+SERIAL_BELOW = 1 << 16
 # Planes of one channel up to this many bytes are processed by one task that reads them
 # from memory once per pass and again from its core's L2 cache.
 FUSE_BYTES = 512 << 10

@@ -40,7 +40,8 @@ class BatchNormCache:
         self.gamma_dtype = None if gamma is None else gamma.dtype
         self.beta_dtype = None if beta is None else beta.dtype
         self.stats, self.training = stats, training
-        self.x_sample = _checks.x_sample(x_flat, view.sample_step)
+        step = view.sample_step
+        self.x_sample = step, x_flat[::step].tobytes()  # as _checks.x_sample
         self.count = None
         self.activation, self.beta = activation, beta_copy
 
@@ -161,13 +162,18 @@ def batch_norm(
     training; the other channels are unaffected. Running statistics are updated
     with those NaN (as in PyTorch).
     """
-    activation = _activation.check_activation(activation)
+    if activation is not None:
+        activation = _activation.check_activation(activation)
     if stats is None:
-        args = (x, gamma, beta, training, running_mean, running_var, momentum, eps, axis)
-        view = _checks.quick_view(*args, running_var_ddof, out)
+        view = _checks.quick_view(
+            x, gamma, beta, training, running_mean, running_var, momentum, eps, axis,
+            running_var_ddof, out,
+        )  # fmt: skip
         if view is not None:
-            args = (view, x, gamma, beta, training, running_mean, running_var, momentum, eps)
-            return _quick(*args, activation, running_var_ddof, out)
+            return _quick(
+                view, x, gamma, beta, training, running_mean, running_var, momentum, eps,
+                activation, running_var_ddof, out,
+            )  # fmt: skip
     relu = activation is not None
     if stats is not None:
         _stats.check_stats_type(stats)
