@@ -55,7 +55,8 @@ def backward_inputs(cache, dy_flat):
     here by that pass's output and ``fwork`` None (plain backward of the masked ``dy``)."""
     fwork = forward_work(cache)
     plan = cache.view.plan
-    if not coefficients.any_clamped(fwork, plan.C):
+    # float64 coefficients always fit float64 storage: only float32 ones can be clamped
+    if fwork.itemsize == 8 or not coefficients.any_clamped(fwork, plan.C):
         return dy_flat, fwork
     from ._launch import _affine_float64  # the forward's float64 pass (imports this module)
 

@@ -135,12 +135,16 @@ def forward_quick(plan, x, y, gamma, beta, eps, running_mean, running_var, momen
         return stats, True, kernel_gamma, kernel_beta
     stats = np.empty((4, plan.C))
     running = _running_args(x, running_mean, running_var, momentum, ddof, plan.count)
-    args = (plan.ints, plan.counts, x, y, kernel_gamma, kernel_beta, eps, stats, False)
-    args += (_plan.STREAM_BYTES, running, mode)
     if plan.parallel:
-        finite, fits = _call(plan, "forward_train", plan.fused, relu, *args)
+        finite, fits = _call(
+            plan, "forward_train", plan.fused, relu, plan.ints, plan.counts, x, y,
+            kernel_gamma, kernel_beta, eps, stats, False, _plan.STREAM_BYTES, running, mode,
+        )  # fmt: skip
     else:
-        finite, fits = _SERIAL[relu]["forward_train", plan.fused](*args)
+        finite, fits = _SERIAL[relu]["forward_train", plan.fused](
+            plan.ints, plan.counts, x, y, kernel_gamma, kernel_beta, eps, stats, False,
+            _plan.STREAM_BYTES, running, mode,
+        )  # fmt: skip
     if not fits:
         _affine_float64(plan, y, x, stats[0], stats[3] * kernel_gamma, kernel_beta, relu=relu)
     return stats, finite, kernel_gamma, kernel_beta
@@ -207,6 +211,32 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training, n=None, sums=None, 
             zeros = np.zeros(C)
             _affine_float64(plan, dx, dy, zeros, g, zeros)
     return grads[0], grads[1], sums
+
+
+def backward_quick(plan, dy, x, dx, mean, invstd, gamma, training, fwork):
+    """``backward`` without given ``sums`` or ``n`` (the common call): returns the float64
+    ``(2, C)`` array of (dgamma, dbeta) before any dtype cast."""
+    C = plan.C
+    grads = np.empty((2, C))
+    sums = np.empty((2, C))
+    kernel_gamma = _param(gamma, plan.ones)
+    relu = fwork is not None
+    mode = int(relu)
+    kernel_fwork = fwork if relu else _NO_FWORK[x.dtype.char]
+    if plan.parallel:
+        fits = _call(
+            plan, "backward", plan.fused, relu, plan.ints, dy, x, dx, mean, invstd, kernel_gamma,
+            plan.count, training, grads, sums, False, _plan.STREAM_BYTES, kernel_fwork, mode,
+        )  # fmt: skip
+    else:
+        fits = _SERIAL[relu]["backward", plan.fused](
+            plan.ints, dy, x, dx, mean, invstd, kernel_gamma, plan.count, training, grads, sums,
+            False, _plan.STREAM_BYTES, kernel_fwork, mode,
+        )  # fmt: skip
+    if not fits:  # rare: the general path redoes it, with its float64 pass
+        dgamma, dbeta, _ = backward(plan, dy, x, dx, mean, invstd, gamma, training, fwork=fwork)
+        grads[0], grads[1] = dgamma, dbeta
+    return grads
 
 
 def _affine_float64(plan, out, x, m, p, q, dy=None, g=None, relu=False):

@@ -310,10 +310,10 @@ def _quick(
     else:
         y, y_flat = out, out.ravel()
     relu = activation is not None
-    args = (view.plan, x_flat, y_flat, gamma, beta, eps, running_mean, running_var, momentum)
     stats, finite, kernel_gamma, kernel_beta = _launch.forward_quick(
-        *args, ddof if training else None, relu
-    )
+        view.plan, x_flat, y_flat, gamma, beta, eps, running_mean, running_var, momentum,
+        ddof if training else None, relu,
+    )  # fmt: skip
     if not finite:
         _warn_overflow(stats[2])
     # snapshots for backward (a float64 conversion is one already)
@@ -323,8 +323,10 @@ def _quick(
     beta_copy = None
     if relu and beta is not None:
         beta_copy = kernel_beta.copy() if kernel_beta is beta else kernel_beta
-    args = (gamma_copy, gamma, beta, stats, training, activation, beta_copy)
-    return y, BatchNormCache(x, x_flat, view, *args)
+    cache = BatchNormCache(
+        x, x_flat, view, gamma_copy, gamma, beta, stats, training, activation, beta_copy
+    )
+    return y, cache
 
 
 def train_again(view, x, gamma, beta, running_mean, running_var, momentum, eps, activation):
@@ -333,8 +335,9 @@ def train_again(view, x, gamma, beta, running_mean, running_var, momentum, eps, 
     that has checked that every argument is what an earlier successful call of that
     form validated (``_quick``'s conditions, gamma, beta and the running arrays of
     ``view``'s dtype). Skips the checks; the layer's path for repeated calls."""
-    args = (view, x, gamma, beta, True, running_mean, running_var, momentum, eps, activation)
-    return _quick(*args, 1)
+    return _quick(
+        view, x, gamma, beta, True, running_mean, running_var, momentum, eps, activation, 1
+    )
 
 
 def _backward_quick(dy, cache):
@@ -354,10 +357,12 @@ def _backward_quick(dy, cache):
     if cache.activation is not None:
         dy_flat, fwork = _activation.backward_inputs(cache, dy_flat)
     stats = cache.stats
-    args = (cache.x_flat, dx_flat, stats[0], stats[3], cache.gamma, cache.training)
-    dgamma_raw, sum_dy, _ = _launch.backward(view.plan, dy_flat, *args, fwork=fwork)
-    dgamma = None if cache.gamma_dtype is None else dgamma_raw.astype(cache.gamma_dtype, copy=False)
-    dbeta = None if cache.beta_dtype is None else sum_dy.astype(cache.beta_dtype, copy=False)
+    grads = _launch.backward_quick(
+        view.plan, dy_flat, cache.x_flat, dx_flat, stats[0], stats[3], cache.gamma,
+        cache.training, fwork,
+    )  # fmt: skip
+    dgamma = None if cache.gamma_dtype is None else grads[0].astype(cache.gamma_dtype, copy=False)
+    dbeta = None if cache.beta_dtype is None else grads[1].astype(cache.beta_dtype, copy=False)
     return dx, dgamma, dbeta
 
 

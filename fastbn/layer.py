@@ -115,9 +115,10 @@ class BatchNorm:
             momentum = self.momentum
             if momentum is None:
                 momentum = 1.0 / (self.num_batches_tracked + 1)
-            args = (self.gamma, self.beta, self.running_mean, self.running_var)
-            view = self._prepared[2]
-            y, self._cache = train_again(view, x, *args, momentum, self.eps, self.activation)
+            y, self._cache = train_again(
+                self._prepared[2], x, self.gamma, self.beta, self.running_mean,
+                self.running_var, momentum, self.eps, self.activation,
+            )  # fmt: skip
             self.num_batches_tracked += 1
             return y
         self._check_channels(x)
