@@ -13,7 +13,7 @@ import numpy as np
 
 from .jit import borrowing, drivers, inline, jit, planes_only, relu_pair
 from .layout import CHANNELS, INNER, NTASKS, W_MEAN, W_OFFSET, W_SCALE
-from .partition import four_row_sweeps, task
+from .partition import PREFETCH_ROWS, prefetch_four_rows, prefetching, task
 from .stream import add_in_order, fmuladd, masked
 
 _U = np.uint64
@@ -34,12 +34,15 @@ def _gradsums_rows(dy, x, C, r0, r1, c0, c1, mean, s1, s2):
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)
     r = r0
-    four = four_row_sweeps(C, x.itemsize, False, _U(x.size))
-    while four and r + _U(4) <= r1:
+    ahead = prefetching(w, x.itemsize, _U(x.size))
+    while r + _U(4) <= r1:
         i0 = r * C + c0
         i1 = i0 + C
         i2 = i1 + C
         i3 = i2 + C
+        if ahead and r + _U(PREFETCH_ROWS + 4) <= r1:
+            prefetch_four_rows(dy, i0 + _U(PREFETCH_ROWS) * C, C, w)
+            prefetch_four_rows(x, i0 + _U(PREFETCH_ROWS) * C, C, w)
         for j in range(w):  # float64 before the pairs are added (float32 dy loses digits)
             g0 = np.float64(dy[i0 + j])
             g1 = np.float64(dy[i1 + j])
@@ -76,12 +79,15 @@ def _gradsums_rows_relu(dy, x, C, r0, r1, c0, c1, mean, s1, s2, rm, rp, rq):
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)
     r = r0
-    four = four_row_sweeps(C, x.itemsize, False, _U(x.size))
-    while four and r + _U(4) <= r1:
+    ahead = prefetching(w, x.itemsize, _U(x.size))
+    while r + _U(4) <= r1:
         i0 = r * C + c0
         i1 = i0 + C
         i2 = i1 + C
         i3 = i2 + C
+        if ahead and r + _U(PREFETCH_ROWS + 4) <= r1:
+            prefetch_four_rows(dy, i0 + _U(PREFETCH_ROWS) * C, C, w)
+            prefetch_four_rows(x, i0 + _U(PREFETCH_ROWS) * C, C, w)
         for k in range(4):
             ik = i0 + _U(k) * C
             g = gm[_U(k) * w :]

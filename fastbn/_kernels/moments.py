@@ -12,7 +12,7 @@ import numpy as np
 
 from .jit import borrowing, drivers, exact_borrowing, jit, planes_only
 from .layout import CHANNELS, INNER, NTASKS
-from .partition import four_row_sweeps, task
+from .partition import PREFETCH_ROWS, prefetch_four_rows, prefetching, task
 
 _U = np.uint64
 
@@ -27,12 +27,14 @@ def _moments_rows(x, C, r0, r1, c0, c1, s1, s2, shift):
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)
     r = r0
-    four = four_row_sweeps(C, x.itemsize, True, _U(x.size))
-    while four and r + _U(4) <= r1:
+    ahead = prefetching(w, x.itemsize, _U(x.size))
+    while r + _U(4) <= r1:
         i0 = r * C + c0
         i1 = i0 + C
         i2 = i1 + C
         i3 = i2 + C
+        if ahead and r + _U(PREFETCH_ROWS + 4) <= r1:
+            prefetch_four_rows(x, i0 + _U(PREFETCH_ROWS) * C, C, w)
         for j in range(w):
             d0 = x[i0 + j] - s[j]
             d1 = x[i1 + j] - s[j]

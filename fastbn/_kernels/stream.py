@@ -136,6 +136,27 @@ line_planes_relu_dy = _make_line(per_element=False, with_dy=True, relu=True)
 
 
 @intrinsic
+def prefetch(typingctx, a, i):
+    """A hint to read ``a[i]``'s cache line into all cache levels (``llvm.prefetch``)."""
+    if not (isinstance(a, types.Array) and isinstance(i, types.Integer)):
+        return None
+    sig = types.void(a, i)
+
+    def codegen(context, builder, signature, args):
+        a_v, i_v = args
+        data = context.make_array(signature.args[0])(context, builder, a_v).data
+        byte = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [byte, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        ptr = builder.bitcast(builder.gep(data, [i_v]), byte)
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])  # read, keep everywhere, data
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def store_fence(typingctx):
     sig = types.void()
 
