@@ -41,8 +41,7 @@ def _gradsums_rows(dy, x, C, r0, r1, c0, c1, mean, s1, s2):
         i2 = i1 + C
         i3 = i2 + C
         if ahead and r + _U(PREFETCH_ROWS + 4) <= r1:
-            prefetch_four_rows(dy, i0 + _U(PREFETCH_ROWS) * C, C, w)
-            prefetch_four_rows(x, i0 + _U(PREFETCH_ROWS) * C, C, w)
+            prefetch_four_rows(dy, x, i0 + _U(PREFETCH_ROWS) * C, C, w)
         for j in range(w):  # float64 before the pairs are added (float32 dy loses digits)
             g0 = np.float64(dy[i0 + j])
             g1 = np.float64(dy[i1 + j])
@@ -86,8 +85,7 @@ def _gradsums_rows_relu(dy, x, C, r0, r1, c0, c1, mean, s1, s2, rm, rp, rq):
         i2 = i1 + C
         i3 = i2 + C
         if ahead and r + _U(PREFETCH_ROWS + 4) <= r1:
-            prefetch_four_rows(dy, i0 + _U(PREFETCH_ROWS) * C, C, w)
-            prefetch_four_rows(x, i0 + _U(PREFETCH_ROWS) * C, C, w)
+            prefetch_four_rows(dy, x, i0 + _U(PREFETCH_ROWS) * C, C, w)
         for k in range(4):
             ik = i0 + _U(k) * C
             g = gm[_U(k) * w :]

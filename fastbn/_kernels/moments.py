@@ -34,7 +34,7 @@ def _moments_rows(x, C, r0, r1, c0, c1, s1, s2, shift):
         i2 = i1 + C
         i3 = i2 + C
         if ahead and r + _U(PREFETCH_ROWS + 4) <= r1:
-            prefetch_four_rows(x, i0 + _U(PREFETCH_ROWS) * C, C, w)
+            prefetch_four_rows(x, x, i0 + _U(PREFETCH_ROWS) * C, C, w)
         for j in range(w):
             d0 = x[i0 + j] - s[j]
             d1 = x[i1 + j] - s[j]

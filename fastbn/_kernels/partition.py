@@ -7,7 +7,7 @@ A reduction task is block ``b`` of rows (outer indices) times split ``k`` of col
 
 import numpy as np
 
-from .jit import borrowing, inline
+from .jit import borrowing
 from .layout import BLOCK_LEN, CHANNELS, NSPLIT, OUTER, SPLIT_WIDTH
 from .stream import prefetch
 
@@ -52,14 +52,16 @@ def prefetching(width, itemsize, size):
     return big and width * _U(itemsize) <= _U(PREFETCH_ROW_BYTES)
 
 
-@inline
-def prefetch_four_rows(a, i0, C, width):
-    """Prefetch the lines of four rows of ``width`` elements, the first from ``a[i0]``,
-    each ``C`` after the one before."""
+@borrowing
+def prefetch_four_rows(a, b, i0, C, width):
+    """Prefetch the lines of four rows of ``width`` elements of ``a`` and of ``b`` (may be
+    ``a``), the first from flat index ``i0``, each ``C`` after the one before. A function of
+    its own, called once per sweep: compiled once, not once per loop that calls it."""
     line = _U(64 // a.itemsize)
     for q in range(4):
         base = i0 + _U(q) * C
         k = _U(0)
         while k < width:
             prefetch(a, base + k)
+            prefetch(b, base + k)
             k += line
