@@ -114,11 +114,13 @@ def forward_train(
 
 
 def forward_quick(plan, x, y, gamma, beta, eps, running_mean, running_var, momentum, ddof, relu):
-    """``forward_train`` (``training``) or ``forward_eval`` (``training`` None: then
-    ``momentum``/``ddof`` are unused) of the call path for arguments the quick checks
-    passed (``fastbn._checks.quick_view``): flat C-contiguous ``x``/``y``, ``gamma``,
-    ``beta`` and the running arrays None or native float32/float64 arrays. Returns
-    ``(stats, finite)`` as ``forward_train`` does (``finite`` True in eval mode)."""
+    """``forward_train`` with ``ddof``, or ``forward_eval`` when ``ddof`` is None (then
+    ``momentum`` is unused), for arguments the quick checks passed
+    (``fastbn._checks.quick_view``): flat C-contiguous ``x``/``y``; ``gamma``, ``beta``
+    and the running arrays None or native float32/float64 arrays. Returns ``(stats,
+    finite, kernel_gamma, kernel_beta)``: ``stats`` and ``finite`` as ``forward_train``
+    returns them (``finite`` True in eval mode), gamma and beta as the kernels read them
+    (``params``)."""
     kernel_gamma = _param(gamma, plan.ones)
     kernel_beta = _param(beta, plan.zeros)
     mode = int(relu)
