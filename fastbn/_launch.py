@@ -14,7 +14,7 @@ _STAND_IN = {"f": np.zeros(1, np.float32), "d": np.zeros(1, np.float64)}
 _NO_FWORK = {c: np.zeros((layout.WORK_ROWS, 1), c) for c in "fd"}
 
 
-# the serial targets by relu, then (operation, fused): the quick paths' direct calls
+# the serial targets by relu, then (operation, fused): _call's lookup for serial plans
 _SERIAL = {
     relu: {(name, fused): targets[False, fused, relu] for name, targets in ops.TARGETS.items()
            for fused in (False, True)}
@@ -26,8 +26,10 @@ def _call(plan, name, fused, relu, *args):
     """Run operation ``name`` in the target the plan needs (``ops.TARGETS``): serial for
     small inputs, else serial or parallel as ``fastbn._choice`` finds faster; ``relu``:
     the targets with the ReLU loops (compiled only when a call needs them)."""
+    if not plan.parallel:
+        return _SERIAL[relu][name, fused](*args)
     targets = ops.TARGETS[name]
-    if not (plan.parallel and parallel_usable()):
+    if not parallel_usable():
         return targets[False, fused, relu](*args)
     key = (name, fused, relu)
     choice = plan.choices.get(key)
@@ -99,11 +101,11 @@ def forward_train(
         result[0], result[1], n, have_stats = stats[0], stats[1], float(stats[2]), True
     rm, rv = _kernel_running(running_mean), _kernel_running(running_var)
     running = _running_args(x, rm, rv, momentum, ddof, n)
-    args = (plan.ints, plan.counts, x, y, gamma, beta, eps, result, have_stats)
     relu = bool(relu)
     finite, fits = _call(
-        plan, "forward_train", plan.fused, relu, *args, _plan.STREAM_BYTES, running, int(relu)
-    )
+        plan, "forward_train", plan.fused, relu, plan.ints, plan.counts, x, y, gamma, beta, eps,
+        result, have_stats, _plan.STREAM_BYTES, running, int(relu),
+    )  # fmt: skip
     if not fits:
         _affine_float64(plan, y, x, result[0], result[3] * gamma, beta, relu=relu)
     if rm is not running_mean:
@@ -115,40 +117,22 @@ def forward_train(
 
 def forward_quick(plan, x, y, gamma, beta, eps, running_mean, running_var, momentum, ddof, relu):
     """``forward_train`` with ``ddof``, or ``forward_eval`` when ``ddof`` is None (then
-    ``momentum`` is unused), for arguments the quick checks passed
-    (``fastbn._checks.quick_view``): flat C-contiguous ``x``/``y``; ``gamma``, ``beta``
-    and the running arrays None or native float32/float64 arrays. Returns ``(stats,
-    finite, kernel_gamma, kernel_beta)``: ``stats`` and ``finite`` as ``forward_train``
-    returns them (``finite`` True in eval mode), gamma and beta as the kernels read them
-    (``params``)."""
+    ``momentum`` is unused), for the caller's ``gamma`` and ``beta`` (converted here by
+    ``params``) and running arrays that are None or native float32/float64 (what
+    ``fastbn._checks.quick_view`` passes). Returns ``(stats, finite, kernel_gamma,
+    kernel_beta)``: ``stats`` and ``finite`` as ``forward_train`` returns them (``finite``
+    True in eval mode), gamma and beta as the kernels read them."""
     kernel_gamma = _param(gamma, plan.ones)
     kernel_beta = _param(beta, plan.zeros)
-    mode = int(relu)
     if ddof is None:
-        stats = np.empty((4, plan.C))
-        stats[0], stats[2] = running_mean, running_var
-        args = (plan.ints, x, y, kernel_gamma, kernel_beta, eps, stats, _plan.STREAM_BYTES, mode)
-        if plan.parallel:
-            fits = _call(plan, "forward_eval", False, relu, *args)
-        else:
-            fits = _SERIAL[relu]["forward_eval", False](*args)
-        if not fits:
-            _affine_float64(plan, y, x, stats[0], stats[3] * kernel_gamma, kernel_beta, relu=relu)
+        stats = forward_eval(
+            plan, x, y, kernel_gamma, kernel_beta, eps, running_mean, running_var, relu
+        )
         return stats, True, kernel_gamma, kernel_beta
-    stats = np.empty((4, plan.C))
-    running = _running_args(x, running_mean, running_var, momentum, ddof, plan.count)
-    if plan.parallel:
-        finite, fits = _call(
-            plan, "forward_train", plan.fused, relu, plan.ints, plan.counts, x, y,
-            kernel_gamma, kernel_beta, eps, stats, False, _plan.STREAM_BYTES, running, mode,
-        )  # fmt: skip
-    else:
-        finite, fits = _SERIAL[relu]["forward_train", plan.fused](
-            plan.ints, plan.counts, x, y, kernel_gamma, kernel_beta, eps, stats, False,
-            _plan.STREAM_BYTES, running, mode,
-        )  # fmt: skip
-    if not fits:
-        _affine_float64(plan, y, x, stats[0], stats[3] * kernel_gamma, kernel_beta, relu=relu)
+    stats, finite = forward_train(
+        plan, x, y, kernel_gamma, kernel_beta, eps, running_mean, running_var, momentum, ddof,
+        relu,
+    )  # fmt: skip
     return stats, finite, kernel_gamma, kernel_beta
 
 
@@ -195,12 +179,7 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training, n=None, sums=None, 
         fwork = _NO_FWORK[x.dtype.char]
     args = (plan.ints, dy, x, dx, mean, invstd, gamma, n, bool(training), grads, sums)
     args += (have_sums, _plan.STREAM_BYTES, fwork, int(relu))
-    fused = plan.fused and not have_sums
-    if plan.parallel:
-        fits = _call(plan, "backward", fused, relu, *args)
-    else:
-        fits = _SERIAL[relu]["backward", fused](*args)
-    if not fits:
+    if not _call(plan, "backward", plan.fused and not have_sums, relu, *args):
         if relu:  # redo as the composition, whose float64 path follows
             dy = _activation.masked_dy(plan, dy, x, fwork)
             given = sums if have_sums else None
@@ -213,32 +192,6 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training, n=None, sums=None, 
             zeros = np.zeros(C)
             _affine_float64(plan, dx, dy, zeros, g, zeros)
     return grads[0], grads[1], sums
-
-
-def backward_quick(plan, dy, x, dx, mean, invstd, gamma, training, fwork):
-    """``backward`` without given ``sums`` or ``n`` (the common call): returns the float64
-    ``(2, C)`` array of (dgamma, dbeta) before any dtype cast."""
-    C = plan.C
-    grads = np.empty((2, C))
-    sums = np.empty((2, C))
-    kernel_gamma = _param(gamma, plan.ones)
-    relu = fwork is not None
-    mode = int(relu)
-    kernel_fwork = fwork if relu else _NO_FWORK[x.dtype.char]
-    if plan.parallel:
-        fits = _call(
-            plan, "backward", plan.fused, relu, plan.ints, dy, x, dx, mean, invstd, kernel_gamma,
-            plan.count, training, grads, sums, False, _plan.STREAM_BYTES, kernel_fwork, mode,
-        )  # fmt: skip
-    else:
-        fits = _SERIAL[relu]["backward", plan.fused](
-            plan.ints, dy, x, dx, mean, invstd, kernel_gamma, plan.count, training, grads, sums,
-            False, _plan.STREAM_BYTES, kernel_fwork, mode,
-        )  # fmt: skip
-    if not fits:  # rare: the general path redoes it, with its float64 pass
-        dgamma, dbeta, _ = backward(plan, dy, x, dx, mean, invstd, gamma, training, fwork=fwork)
-        grads[0], grads[1] = dgamma, dbeta
-    return grads
 
 
 def _affine_float64(plan, out, x, m, p, q, dy=None, g=None, relu=False):

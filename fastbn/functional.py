@@ -357,12 +357,12 @@ def _backward_quick(dy, cache):
     if cache.activation is not None:
         dy_flat, fwork = _activation.backward_inputs(cache, dy_flat)
     stats = cache.stats
-    grads = _launch.backward_quick(
+    dgamma_raw, sum_dy, _ = _launch.backward(
         view.plan, dy_flat, cache.x_flat, dx_flat, stats[0], stats[3], cache.gamma,
-        cache.training, fwork,
+        cache.training, fwork=fwork,
     )  # fmt: skip
-    dgamma = None if cache.gamma_dtype is None else grads[0].astype(cache.gamma_dtype, copy=False)
-    dbeta = None if cache.beta_dtype is None else grads[1].astype(cache.beta_dtype, copy=False)
+    dgamma = None if cache.gamma_dtype is None else dgamma_raw.astype(cache.gamma_dtype, copy=False)
+    dbeta = None if cache.beta_dtype is None else sum_dy.astype(cache.beta_dtype, copy=False)
     return dx, dgamma, dbeta
 
 
