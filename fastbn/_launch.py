@@ -92,7 +92,9 @@ def forward_train(
     variance of ``ddof`` (1: unbiased, 0: biased). ``relu``: then ``max(0, y)``.
 
     ``gamma``/``beta``: from ``params``. Returns the float64 ``(4, C)`` array of
-    mean, m2, biased var, invstd, and whether every variance is finite.
+    mean, m2, biased var, invstd, whether every variance is finite, and (``relu``) the
+    coefficients of the elementwise pass (``work``, storage dtype), which the ReLU-fused
+    backward reads for its mask, else None.
     """
     result = np.empty((4, plan.C))
     if stats is None:
@@ -102,49 +104,56 @@ def forward_train(
     rm, rv = _kernel_running(running_mean), _kernel_running(running_var)
     running = _running_args(x, rm, rv, momentum, ddof, n)
     relu = bool(relu)
-    finite, fits = _call(
+    returned = _call(
         plan, "forward_train", plan.fused, relu, plan.ints, plan.counts, x, y, gamma, beta, eps,
         result, have_stats, _plan.STREAM_BYTES, running, int(relu),
     )  # fmt: skip
+    finite, fits = returned[0], returned[1]
+    fwork = returned[2] if relu else None
     if not fits:
         _affine_float64(plan, y, x, result[0], result[3] * gamma, beta, relu=relu)
     if rm is not running_mean:
         running_mean[...] = rm
     if rv is not running_var:
         running_var[...] = rv
-    return result, finite
+    return result, finite, fwork
 
 
 def forward_quick(plan, x, y, gamma, beta, eps, running_mean, running_var, momentum, ddof, relu):
     """``forward_train`` with ``ddof``, or ``forward_eval`` when ``ddof`` is None (then
     ``momentum`` is unused), for the caller's ``gamma`` and ``beta`` (converted here by
     ``params``) and running arrays that are None or native float32/float64 (what
-    ``fastbn._checks.quick_view`` passes). Returns ``(stats, finite, kernel_gamma,
-    kernel_beta)``: ``stats`` and ``finite`` as ``forward_train`` returns them (``finite``
-    True in eval mode), gamma and beta as the kernels read them."""
+    ``fastbn._checks.quick_view`` passes). Returns ``(stats, finite, fwork, kernel_gamma,
+    kernel_beta)``: ``stats``, ``finite`` and ``fwork`` as ``forward_train`` returns them
+    (``finite`` True in eval mode), gamma and beta as the kernels read them."""
     kernel_gamma = _param(gamma, plan.ones)
     kernel_beta = _param(beta, plan.zeros)
     if ddof is None:
-        stats = forward_eval(
+        stats, fwork = forward_eval(
             plan, x, y, kernel_gamma, kernel_beta, eps, running_mean, running_var, relu
         )
-        return stats, True, kernel_gamma, kernel_beta
-    stats, finite = forward_train(
+        return stats, True, fwork, kernel_gamma, kernel_beta
+    stats, finite, fwork = forward_train(
         plan, x, y, kernel_gamma, kernel_beta, eps, running_mean, running_var, momentum, ddof,
         relu,
     )  # fmt: skip
-    return stats, finite, kernel_gamma, kernel_beta
+    return stats, finite, fwork, kernel_gamma, kernel_beta
 
 
 def forward_eval(plan, x, y, gamma, beta, eps, mean, var, relu=False):
     """Normalize flat ``x`` into flat ``y`` with given ``mean``/``var`` (``relu``: then
-    ``max(0, y)``); returns the ``(4, C)`` statistics array (mean, unused m2, var, invstd)."""
+    ``max(0, y)``); returns the ``(4, C)`` statistics array (mean, unused m2, var, invstd)
+    and, with ``relu``, the coefficients of the elementwise pass (else None; see
+    ``forward_train``)."""
     stats = np.empty((4, plan.C))
     stats[0], stats[2] = mean, var
+    relu = bool(relu)
     args = (plan.ints, x, y, gamma, beta, eps, stats, _plan.STREAM_BYTES, int(relu))
-    if not _call(plan, "forward_eval", False, bool(relu), *args):
+    returned = _call(plan, "forward_eval", False, relu, *args)
+    fits, fwork = (returned[0], returned[1]) if relu else (returned, None)
+    if not fits:
         _affine_float64(plan, y, x, stats[0], stats[3] * gamma, beta, relu=relu)
-    return stats
+    return stats, fwork
 
 
 def moments(plan, x):

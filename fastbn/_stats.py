@@ -24,7 +24,8 @@ def forward_with_stats(plan, x, y, gamma, beta, eps, stats, running_mean, runnin
     finite. ``x`` may be empty (a process with no local values)."""
     given = (stats.mean, stats.m2, stats.count)
     args = (plan, x, y, gamma, beta, eps, running_mean, running_var, momentum)
-    return _launch.forward_train(*args, stats=given)
+    stats, finite, _ = _launch.forward_train(*args, stats=given)
+    return stats, finite
 
 
 def check_sums(sums, cache):

@@ -23,17 +23,19 @@ class BatchNormCache:
     stored: backward recomputes it from ``x``. ``x_sample`` is a strided sample of about
     64 values of ``x`` (bits), which backward compares to detect that ``x`` was modified
     in between (best effort). ``count`` is None, or the number of values per channel of
-    the ``stats=`` the forward call normalized with (backward's ``n``).
+    the ``stats=`` the forward call normalized with (backward's ``n``). ``fwork``: with
+    ``"relu"``, the coefficients the forward's elementwise pass read (storage dtype,
+    ``(WORK_ROWS, C + LINE)``), from which backward recomputes the ReLU's mask.
 
     A cache may be used for any number of backward calls; backward never changes it.
     """
 
     __slots__ = ("x", "x_flat", "view", "gamma", "gamma_dtype", "beta_dtype", "stats")
-    __slots__ += ("training", "x_sample", "count", "activation", "beta")
+    __slots__ += ("training", "x_sample", "count", "activation", "beta", "fwork")
 
     def __init__(
         self, x, x_flat, view, gamma_copy, gamma, beta, stats, training, activation=None,
-        beta_copy=None,
+        beta_copy=None, fwork=None,
     ):  # fmt: skip
         self.x, self.x_flat, self.view = x, x_flat, view
         self.gamma = gamma_copy
@@ -43,7 +45,7 @@ class BatchNormCache:
         step = view.sample_step
         self.x_sample = step, x_flat[::step].tobytes()  # as _checks.x_sample
         self.count = None
-        self.activation, self.beta = activation, beta_copy
+        self.activation, self.beta, self.fwork = activation, beta_copy, fwork
 
     @property
     def mean(self):
@@ -188,6 +190,7 @@ def batch_norm(
     kernel_gamma, kernel_beta = _launch.params(plan, gamma, beta)
     y, y_flat = _output(view, out)
     given = stats
+    fwork = None  # the ReLU-fused forward's coefficients (see BatchNormCache)
     if given is not None:
         train = (plan, x_flat, y_flat, kernel_gamma, kernel_beta, eps)
         stats, finite = _stats.forward_with_stats(
@@ -196,12 +199,12 @@ def batch_norm(
         if not finite:
             _warn_overflow(stats[2])
     elif not training:
-        stats = _launch.forward_eval(
+        stats, fwork = _launch.forward_eval(
             plan, x_flat, y_flat, kernel_gamma, kernel_beta, eps, running_mean, running_var, relu
         )
     elif x.size:
         train = (plan, x_flat, y_flat, kernel_gamma, kernel_beta, eps)
-        stats, finite = _launch.forward_train(
+        stats, finite, fwork = _launch.forward_train(
             *train, running_mean, running_var, momentum, ddof=ddof, relu=relu
         )
         if not finite:
@@ -212,7 +215,7 @@ def batch_norm(
     gamma_copy = None if gamma is None else np.array(kernel_gamma)  # a snapshot for backward
     beta_copy = (None if beta is None else np.array(kernel_beta)) if relu else None
     cache = BatchNormCache(
-        x, x_flat, view, gamma_copy, gamma, beta, stats, training, activation, beta_copy
+        x, x_flat, view, gamma_copy, gamma, beta, stats, training, activation, beta_copy, fwork
     )
     if given is not None:
         cache.count = given.count
@@ -310,7 +313,7 @@ def _quick(
     else:
         y, y_flat = out, out.ravel()
     relu = activation is not None
-    stats, finite, kernel_gamma, kernel_beta = _launch.forward_quick(
+    stats, finite, fwork, kernel_gamma, kernel_beta = _launch.forward_quick(
         view.plan, x_flat, y_flat, gamma, beta, eps, running_mean, running_var, momentum,
         ddof if training else None, relu,
     )  # fmt: skip
@@ -324,7 +327,7 @@ def _quick(
     if relu and beta is not None:
         beta_copy = kernel_beta.copy() if kernel_beta is beta else kernel_beta
     cache = BatchNormCache(
-        x, x_flat, view, gamma_copy, gamma, beta, stats, training, activation, beta_copy
+        x, x_flat, view, gamma_copy, gamma, beta, stats, training, activation, beta_copy, fwork
     )
     return y, cache
 

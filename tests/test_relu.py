@@ -13,6 +13,7 @@ import pytest
 
 import fastbn
 from fastbn import _plan
+from fastbn._kernels.layout import W_MEAN, W_OFFSET, W_SCALE
 
 from _cases import DRIVER_SHAPES, FAMILIES, LAYOUTS, f64, random_case, relayout
 
@@ -377,10 +378,48 @@ def test_default_is_plain_batch_norm():
 
 
 def test_cache_stays_o_of_c():
-    """The ReLU cache adds a copy of beta (C values), nothing of x's size."""
+    """The ReLU cache adds a copy of beta (C values) and the forward's per-channel
+    coefficients, nothing of x's size."""
     x = np.random.default_rng(0).standard_normal((1000, 8))
     beta = np.zeros(8)
     _, cache = fastbn.batch_norm(x, np.ones(8), beta, activation="relu")
     assert cache.beta.shape == (8,) and not np.shares_memory(cache.beta, beta)
     sizes = [getattr(cache, s).size for s in ("gamma", "beta", "stats")]
     assert max(sizes) <= 4 * 8
+    rows, cols = cache.fwork.shape
+    assert rows <= 8 and cols <= 8 + 64 and cache.fwork.dtype == x.dtype
+
+
+@pytest.mark.parametrize("quick", [True, False], ids=["quick", "checked"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["ND", "NCHW", "NHWC", "wide_rows"])
+def test_cached_coefficients_are_the_rebuilt_ones(layout, dtype, training, quick):
+    """The cache keeps the coefficients the forward's elementwise pass read; they equal,
+    bit for bit, those rebuilt from the cached statistics (what backward used before it
+    kept them), and backward gives the same bits from either."""
+    from fastbn import _activation
+
+    rng = np.random.default_rng(21)
+    x, dy, gamma, beta, axis = random_case(rng, layout, dtype)
+    C = x.shape[axis]
+    running = _running(C, dtype, rng)
+    kw = dict(axis=axis, training=training, activation="relu")
+    kw.update(running_mean=running[0].copy(), running_var=running[1].copy())
+    if not quick:  # a strided view: the checked path of batch_norm (not _quick)
+        gamma = np.repeat(gamma, 2)[::2]
+    y, cache = fastbn.batch_norm(x, gamma, beta, **kw)
+    kept = cache.fwork
+    assert kept is not None and kept.dtype == x.dtype
+    rebuilt = _activation.forward_work(cache)
+    # every row, per channel; the rows family's streamed lines also read the coefficient
+    # rows past C (the periodic extension), the planes family never does
+    assert kept[:, :C].tobytes() == rebuilt[:, :C].tobytes()
+    if cache.plan.inner == 1:
+        read = [W_MEAN, W_SCALE, W_OFFSET]
+        assert kept[read].tobytes() == rebuilt[read].tobytes()
+    got = fastbn.batch_norm_backward(dy, cache)
+    cache.fwork = None  # as a cache without them: rebuilt in backward
+    want = fastbn.batch_norm_backward(dy, cache)
+    for g, w in zip(got, want):
+        assert g.tobytes() == w.tobytes()

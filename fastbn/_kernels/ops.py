@@ -50,13 +50,14 @@ def _register(body):
 
 def _affine(plan, x, dy, out, m, p, q, g, dsum, n, with_dy, stream_bytes, fwork, relu):
     """The elementwise pass with float64 coefficients ``m, p, q, g`` (``dy`` centred on
-    ``dsum / n`` when ``with_dy``; ``relu``, ``fwork``: see ``affine``). Returns True when
-    they do not fit the storage dtype (``out`` must then be redone in float64)."""
+    ``dsum / n`` when ``with_dy``; ``relu``, ``fwork``: see ``affine``). Returns ``(clamped,
+    work)``: True when they do not fit the storage dtype (``out`` must then be redone in
+    float64), and the coefficients as the pass read them (``coefficients.working``)."""
     stream = out.size * out.itemsize >= stream_bytes
     work = working(out, m, p, q, g, dsum, n, with_dy)
     w = (work[W_MEAN], work[W_SCALE], work[W_OFFSET], work[W_DY_SCALE], work[W_DY_MEAN])
     affine_pass(plan, x, dy, out, w[0], w[1], w[2], w[3], w[4], with_dy, stream, fwork, relu)
-    return any_clamped(work, m.shape[0])
+    return any_clamped(work, m.shape[0]), work
 
 
 affine_op = _register(_affine)
@@ -125,7 +126,9 @@ def _check_variance(stats):
 def _forward_eval(plan, x, y, gamma, beta, eps, stats, stream_bytes, relu):
     """``y = (x - mean) * invstd * gamma + beta`` with ``mean = stats[0]`` and
     ``invstd = stats[3] = 1 / sqrt(stats[2] + eps)`` (``relu``: ``max(0, y)``). Returns
-    False when ``y`` must be redone in float64 (see ``coefficients``)."""
+    False when ``y`` must be redone in float64 (see ``coefficients``); the ``RELU`` targets
+    return ``(that, work)``, the coefficients of the pass, which the ReLU-fused backward
+    reads for its mask (``fastbn._activation``)."""
     mean, var, invstd = stats[0], stats[2], stats[3]
     C = mean.shape[0]
     scale, offset = np.empty(C), np.empty(C)
@@ -134,9 +137,13 @@ def _forward_eval(plan, x, y, gamma, beta, eps, stats, stream_bytes, relu):
         offset[c] = beta[c]
     stub = new_work(y, np.int64(0))  # fwork: not read by a forward pass
     no_dy = np.bool_(False)
-    return not affine_op(
+    clamped, work = affine_op(
         plan, x, x, y, mean, scale, offset, scale, mean, 1.0, no_dy, stream_bytes, stub, relu
     )
+    if RELU:
+        return not clamped, work
+    else:
+        return not clamped
 
 
 forward_eval_op = _register(_forward_eval)
@@ -151,7 +158,8 @@ def _forward_train(
 
     ``running`` is ``(running_mean, running_var, momentum, update_mean, update_var, ddof,
     n)``. Returns ``(finite, fits)``: False when some variance is not finite; False when
-    ``y`` must be redone in float64 (see ``coefficients``)."""
+    ``y`` must be redone in float64 (see ``coefficients``). The ``RELU`` targets return
+    ``(finite, fits, work)``, ``work`` as ``_forward_eval``'s."""
     if FUSED:  # statistics and y, channel by channel
         stream = y.size * y.itemsize >= stream_bytes
         scale = np.empty(plan[CHANNELS])
@@ -172,8 +180,15 @@ def _forward_train(
     running_mean, running_var, momentum, update_mean, update_var, ddof, n = running
     _running(stats, n, ddof, running_mean, running_var, momentum, update_mean, update_var)
     if FUSED:
-        return finite, not any_clamped(work, plan[CHANNELS])
-    return finite, forward_eval_op(plan, x, y, gamma, beta, eps, stats, stream_bytes, relu)
+        if RELU:
+            return finite, not any_clamped(work, plan[CHANNELS]), work
+        else:
+            return finite, not any_clamped(work, plan[CHANNELS])
+    if RELU:
+        fits, work = forward_eval_op(plan, x, y, gamma, beta, eps, stats, stream_bytes, relu)
+        return finite, fits, work
+    else:
+        return finite, forward_eval_op(plan, x, y, gamma, beta, eps, stats, stream_bytes, relu)
 
 
 _register(_forward_train)
@@ -221,17 +236,20 @@ def _backward(
     g, p, q = coef[0], coef[1], coef[2]
     if training:
         dsum, centred = sums[0], np.bool_(True)
-        return not affine_op(
+        clamped, _ = affine_op(
             plan, x, dy, dx, mean, p, q, g, dsum, n, centred, stream_bytes, fwork, relu
         )
+        return not clamped
     if RELU and relu:  # dx = masked dy * gamma * invstd: x is read for the mask only
         centred, mode = np.bool_(True), np.int64(2)
-        return not affine_op(
+        clamped, _ = affine_op(
             plan, x, dy, dx, q, q, q, g, q, 1.0, centred, stream_bytes, fwork, mode
         )
+        return not clamped
     # dx = dy * gamma * invstd: x is not read (a NaN there must not leak into dx)
     centred, mode = np.bool_(False), np.int64(0)
-    return not affine_op(plan, dy, dy, dx, q, g, q, g, q, 1.0, centred, stream_bytes, fwork, mode)
+    clamped, _ = affine_op(plan, dy, dy, dx, q, g, q, g, q, 1.0, centred, stream_bytes, fwork, mode)
+    return not clamped
 
 
 _register(_backward)
