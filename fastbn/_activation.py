@@ -43,8 +43,9 @@ def _coefficient_inputs(cache):
 
 
 def forward_work(cache):
-    """The forward's ``work`` array (storage dtype, ``(WORK_ROWS, C + LINE)``), as
-    ``ops._forward_eval`` (and ``fused._forward_task``, which gives the same bits) made it."""
+    """The forward's ``work`` array (storage dtype, ``(WORK_ROWS, C + spare)``, see
+    ``coefficients.working``), as ``ops._forward_eval`` (and ``fused._forward_task``, which
+    gives the same bits per channel) made it."""
     plan = cache.view.plan
     mean, scale, beta = _coefficient_inputs(cache)
     return coefficients.working(plan.ones, mean, scale, beta, scale, mean, 1.0, False)

@@ -25,7 +25,8 @@ class BatchNormCache:
     in between (best effort). ``count`` is None, or the number of values per channel of
     the ``stats=`` the forward call normalized with (backward's ``n``). ``fwork``: with
     ``"relu"``, the coefficients the forward's elementwise pass read (storage dtype,
-    ``(WORK_ROWS, C + LINE)``), from which backward recomputes the ReLU's mask.
+    ``(WORK_ROWS, C + spare)``, see ``_kernels.coefficients``), from which backward
+    recomputes the ReLU's mask.
 
     A cache may be used for any number of backward calls; backward never changes it.
     """

@@ -386,8 +386,8 @@ def test_cache_stays_o_of_c():
     assert cache.beta.shape == (8,) and not np.shares_memory(cache.beta, beta)
     sizes = [getattr(cache, s).size for s in ("gamma", "beta", "stats")]
     assert max(sizes) <= 4 * 8
-    rows, cols = cache.fwork.shape
-    assert rows <= 8 and cols <= 8 + 64 and cache.fwork.dtype == x.dtype
+    rows, cols = cache.fwork.shape  # C columns and spare ones (at most one row group)
+    assert rows <= 8 and cols <= 8 + 256 and cache.fwork.dtype == x.dtype
 
 
 @pytest.mark.parametrize("quick", [True, False], ids=["quick", "checked"])

@@ -26,6 +26,7 @@ import numba
 import numpy as np
 
 from . import stream as S
+from .coefficients import row_group
 from .jit import borrowing, drivers, inline, planes_only, relu_pair
 from .layout import AFFINE_BLOCK, AFFINE_TASKS, CHANNELS, INNER, OUTER, W_MEAN, W_OFFSET, W_SCALE
 from .partition import task
@@ -52,25 +53,32 @@ def _element(x, dy, m, p, q, g, d, rm, rp, rq, i, j, with_dy, mode):
 
 @inline
 def _rows_plain(x, dy, out, m, p, q, g, d, rm, rp, rq, C, lo, hi, with_dy, mode):
-    """Rows ``[lo, hi)`` with ordinary stores, row by row; one loop per case, so that
-    each vectorizes without the others' work."""
-    for r in range(lo, hi):
+    """Rows ``[lo, hi)`` with ordinary stores, ``coefficients.row_group`` rows at a time
+    (one loop over the group's elements, the coefficient rows' spare columns repeating
+    the channels), the last rows one by one; one loop per case, so that each vectorizes
+    without the others' work."""
+    group = _U(row_group(C, out.itemsize))
+    r = lo
+    while r < hi:
+        rows = group if r + group <= hi else _U(1)
+        width = rows * C
         i0 = r * C
         if with_dy and mode:
-            for j in range(C):
+            for j in range(width):
                 xv = x[i0 + j]
                 dyv = masked(fmuladd(xv - rm[j], rp[j], rq[j]), dy[i0 + j])
                 out[i0 + j] = fmuladd(dyv - d[j], g[j], fmuladd(xv - m[j], p[j], q[j]))
         elif with_dy:
-            for j in range(C):
+            for j in range(width):
                 xc = x[i0 + j] - m[j]
                 out[i0 + j] = fmuladd(dy[i0 + j] - d[j], g[j], fmuladd(xc, p[j], q[j]))
         elif mode:
-            for j in range(C):
+            for j in range(width):
                 out[i0 + j] = relu_max(fmuladd(x[i0 + j] - m[j], p[j], q[j]))
         else:
-            for j in range(C):
+            for j in range(width):
                 out[i0 + j] = fmuladd(x[i0 + j] - m[j], p[j], q[j])
+        r += rows
 
 
 @inline

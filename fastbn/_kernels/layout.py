@@ -2,8 +2,9 @@
 
 ``plan`` (int64, made by ``fastbn._plan.Plan``) describes the canonical ``(outer, C,
 inner)`` shape of the flat buffers and how the work is cut into tasks. ``work`` (the
-storage dtype, ``(WORK_ROWS, C + LINE)``, made by ``affine.working``) holds the
-per-channel coefficients of the elementwise pass.
+storage dtype, ``(WORK_ROWS, C + spare)``, made by ``coefficients.working``) holds the
+per-channel coefficients of the elementwise pass (its spare columns repeat the channels:
+``coefficients.spare_columns``).
 """
 
 import numpy as np
