@@ -18,9 +18,16 @@ import numba
 # against two-pass; a kernel compiled now against one loaded from the cache). Divisions
 # and square roots are per channel, never per element: they cost nothing measurable.
 FASTMATH = {"nsz", "contract", "reassoc"}
-# _nrt explicit everywhere: a callee left unset would inherit its caller's (see ``borrowing``)
+# _nrt and fastmath explicit everywhere: Numba compiles a callee with its caller's value
+# of each of them that the callee leaves unset (``inherit_if_not_set``). An ``exact``
+# function without ``fastmath=False`` got its first caller's flags: fastmath inside an
+# operation, none when first called from Python, and the overload compiled first served
+# every later call of that signature, in the process and from the cache. So a
+# statistic's last bits depended on which call compiled it (float64 (1000, 100) m2: 55
+# of 100 channels 1-2 ulp apart between a process that compiled the kernels and the next
+# one, which loaded them).
 _OPTIONS = dict(fastmath=FASTMATH, cache=True, nogil=True, error_model="numpy", _nrt=True)
-_EXACT = dict(cache=True, nogil=True, error_model="numpy", _nrt=True)
+_EXACT = dict(fastmath=False, cache=True, nogil=True, error_model="numpy", _nrt=True)
 
 jit = numba.njit(**_OPTIONS)
 # per-channel arithmetic (statistics, coefficients, running statistics): IEEE operations

@@ -13,6 +13,7 @@ import numpy as np
 from .jit import borrowing, drivers, exact_borrowing, jit, planes_only
 from .layout import CHANNELS, INNER, NTASKS
 from .partition import PREFETCH_ROWS, prefetch_four_rows, prefetching, task
+from .stream import fmuladd
 
 _U = np.uint64
 
@@ -115,6 +116,14 @@ MOMENTS = drivers(_moments)
 
 
 @exact_borrowing
+def _m2_of_block(s1, s2, d):
+    """A block's sum of squared deviations from its mean, ``s2 - s1 * d`` with ``d = s1 /
+    n``, as one fused multiply-add: the product is not rounded first, so squared
+    deviations beyond float64's range (an inf ``s2``) give inf, not ``inf - inf``."""
+    return fmuladd(-s1, d, s2)
+
+
+@exact_borrowing
 def merge_channel(s1, s2, shift, counts, c):
     """Chan's merge of channel ``c``'s per-block shifted sums, in block order ->
     ``(mean, m2)``. Block ``b`` holds ``counts[b]`` values with ``s1 = sum(x - shift)``
@@ -126,7 +135,7 @@ def merge_channel(s1, s2, shift, counts, c):
         nb = counts[blk]
         d = s1[blk, c] / nb
         mu_b = shift[blk, c] + d
-        m2_b = s2[blk, c] - s1[blk, c] * d
+        m2_b = _m2_of_block(s1[blk, c], s2[blk, c], d)
         if blk == 0:
             mu = mu_b
             m2 = m2_b
@@ -151,7 +160,7 @@ def merge_moments(s1, s2, shift, counts, mean, m2):
     for c in range(C):
         d = s1[0, c] / n
         mean[c] = shift[0, c] + d
-        m2[c] = s2[0, c] - s1[0, c] * d
+        m2[c] = _m2_of_block(s1[0, c], s2[0, c], d)
     for blk in range(1, nblocks):
         nb = counts[blk]
         tot = n + nb
@@ -161,7 +170,7 @@ def merge_moments(s1, s2, shift, counts, mean, m2):
             d = s1[blk, c] / nb
             delta = (shift[blk, c] + d) - mean[c]
             mean[c] += delta * w_mean
-            m2[c] += (s2[blk, c] - s1[blk, c] * d) + delta * delta * w_m2
+            m2[c] += _m2_of_block(s1[blk, c], s2[blk, c], d) + delta * delta * w_m2
         n = tot
     for c in range(C):
         # m2 may round to a tiny negative for a (nearly) constant channel; keep NaN.
