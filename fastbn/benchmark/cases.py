@@ -61,6 +61,8 @@ CASES = (
     Case("100x100 BatchNorm", (100, 100), dtype="float64", layer=True),
     Case("NCHW 32x16x8x8", (32, 16, 8, 8)),
     Case("NHWC 16x8x8x32", (16, 8, 8, 32), axis=-1),
+    # a late CNN layer: planes of 2x2 values, where the planes kernels loop per plane
+    Case("NCHW 256x64x2x2", (256, 64, 2, 2)),
     Case("256x1024", (256, 1024)),
     Case("4096x1024", (4096, 1024)),
     Case("65536x256", (65536, 256)),
@@ -79,7 +81,14 @@ QUICK_CASES = (
     "NCHW 32x64x56x56 channels_last",
 )
 # The small inputs of real networks (issue 11): per-call cost, next to np.copyto.
-SMALL_CASES = ("64x256", "128x512", "100x100 BatchNorm", "NCHW 32x16x8x8", "NHWC 16x8x8x32")
+SMALL_CASES = (
+    "64x256",
+    "128x512",
+    "100x100 BatchNorm",
+    "NCHW 32x16x8x8",
+    "NHWC 16x8x8x32",
+    "NCHW 256x64x2x2",
+)
 # The DRAM-sized 2-D cases that the speed targets speak of.
 DRAM_CASES = ("65536x256", "1000000x64", "1024x16384")
 # What --busy runs unless --cases says otherwise: the busy-machine bar's cases.
