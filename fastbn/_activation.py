@@ -5,11 +5,9 @@ Forward writes ``y = np.maximum(gamma * xhat + beta, 0)`` in the elementwise pas
 (``fastbn._kernels.affine``). Backward masks ``dy`` where that pre-activation was not
 positive, ``dy * (pre > 0)``, inside its two passes; the mask is recomputed from ``x``
 and the forward's per-channel coefficients (``work``: the mean, scale and offset rounded
-to the storage dtype), so the cache stays O(C). The forward's kernels return that array
-and the cache keeps it (``BatchNormCache.fwork``); a cache without it has them rebuilt
-here from the cached statistics, gamma and beta by the very function and inputs the
-forward used (``coefficients.working``). Either way the mask is ``y > 0`` of the
-forward's ``y``, bit for bit.
+to the storage dtype), which the forward's kernels return and the cache keeps
+(``BatchNormCache.fwork``, O(C)): the mask is ``y > 0`` of the forward's ``y``, bit for
+bit.
 """
 
 import numpy as np
@@ -42,23 +40,12 @@ def _coefficient_inputs(cache):
     return cache.stats[0], cache.stats[3] * gamma, beta
 
 
-def forward_work(cache):
-    """The forward's ``work`` array (storage dtype, ``(WORK_ROWS, C + spare)``, see
-    ``coefficients.working``), as ``ops._forward_eval`` (and ``fused._forward_task``, which
-    gives the same bits per channel) made it."""
-    plan = cache.view.plan
-    mean, scale, beta = _coefficient_inputs(cache)
-    return coefficients.working(plan.ones, mean, scale, beta, scale, mean, 1.0, False)
-
-
 def backward_inputs(cache, dy_flat):
     """``(dy_flat, fwork)`` for ``fastbn._launch.backward``: ``fwork`` the forward's
     coefficients, for the fused kernels; or, when the forward redid its elementwise pass
     in NumPy float64 (a coefficient beyond float32, see ``coefficients``), ``dy`` masked
     here by that pass's output and ``fwork`` None (plain backward of the masked ``dy``)."""
     fwork = cache.fwork
-    if fwork is None:
-        fwork = forward_work(cache)
     plan = cache.view.plan
     # float64 coefficients always fit float64 storage: only float32 ones can be clamped
     if fwork.itemsize == 8 or not coefficients.any_clamped(fwork, plan.C):

@@ -396,9 +396,10 @@ def test_cache_stays_o_of_c():
 @pytest.mark.parametrize("layout", ["ND", "NCHW", "NHWC", "wide_rows"])
 def test_cached_coefficients_are_the_rebuilt_ones(layout, dtype, training, quick):
     """The cache keeps the coefficients the forward's elementwise pass read; they equal,
-    bit for bit, those rebuilt from the cached statistics (what backward used before it
-    kept them), and backward gives the same bits from either."""
-    from fastbn import _activation
+    bit for bit, those rebuilt from the cached statistics by ``coefficients.working`` with
+    the forward's inputs (mean, invstd * gamma, beta), and backward gives the same bits
+    from either."""
+    from fastbn._kernels import coefficients
 
     rng = np.random.default_rng(21)
     x, dy, gamma, beta, axis = random_case(rng, layout, dtype)
@@ -411,7 +412,10 @@ def test_cached_coefficients_are_the_rebuilt_ones(layout, dtype, training, quick
     y, cache = fastbn.batch_norm(x, gamma, beta, **kw)
     kept = cache.fwork
     assert kept is not None and kept.dtype == x.dtype
-    rebuilt = _activation.forward_work(cache)
+    plan = cache.plan
+    scale = cache.stats[3] * (plan.ones if cache.gamma is None else cache.gamma)
+    mean, beta_used = cache.stats[0], plan.zeros if cache.beta is None else cache.beta
+    rebuilt = coefficients.working(plan.ones, mean, scale, beta_used, scale, mean, 1.0, False)
     # every row, per channel; the rows family's streamed lines also read the coefficient
     # rows past C (the periodic extension), the planes family never does
     assert kept[:, :C].tobytes() == rebuilt[:, :C].tobytes()
@@ -419,7 +423,7 @@ def test_cached_coefficients_are_the_rebuilt_ones(layout, dtype, training, quick
         read = [W_MEAN, W_SCALE, W_OFFSET]
         assert kept[read].tobytes() == rebuilt[read].tobytes()
     got = fastbn.batch_norm_backward(dy, cache)
-    cache.fwork = None  # as a cache without them: rebuilt in backward
+    cache.fwork = rebuilt  # backward from the rebuilt coefficients
     want = fastbn.batch_norm_backward(dy, cache)
     for g, w in zip(got, want):
         assert g.tobytes() == w.tobytes()
