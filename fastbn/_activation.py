@@ -67,5 +67,5 @@ def masked_dy(plan, dy, x, fwork):
     zeros, ones = np.zeros(plan.C), np.ones(plan.C)
     coef = (zeros, zeros, zeros, ones, zeros, 1.0, True, 1 << 62, fwork, 2)
     args = (plan.ints, x, dy, out) + coef
-    _call(plan, "affine", False, True, *args)
+    _call(plan, "affine", False, True, args)
     return out

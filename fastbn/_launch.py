@@ -22,10 +22,11 @@ _SERIAL = {
 }  # fmt: skip
 
 
-def _call(plan, name, fused, relu, *args):
-    """Run operation ``name`` in the target the plan needs (``ops.TARGETS``): serial for
-    small inputs, else serial or parallel as ``fastbn._choice`` finds faster; ``relu``:
-    the targets with the ReLU loops (compiled only when a call needs them)."""
+def _call(plan, name, fused, relu, args):
+    """Run operation ``name`` on the tuple ``args`` in the target the plan needs
+    (``ops.TARGETS``): serial for small inputs, else serial or parallel as
+    ``fastbn._choice`` finds faster; ``relu``: the targets with the ReLU loops (compiled
+    only when a call needs them)."""
     if not plan.parallel:
         return _SERIAL[relu][name, fused](*args)
     targets = ops.TARGETS[name]
@@ -45,8 +46,10 @@ def _param(p, default):
     for), else a float64 copy (exact); ``default`` when None."""
     if p is None:
         return default
-    if p.dtype is default.dtype and p.flags.c_contiguous and p.flags.writeable:
-        return p
+    if p.dtype is default.dtype:
+        flags = p.flags
+        if flags.c_contiguous and flags.writeable:
+            return p
     return np.array(p, np.float64)
 
 
@@ -83,6 +86,41 @@ def _running_args(x, rm, rv, momentum, ddof, n):
     return pair + (momentum, rm is not None, rv is not None, float(ddof), n)
 
 
+def train(plan, x, y, gamma, beta, eps, stats, have_stats, running, relu):
+    """The forward_train kernel into ``stats`` and ``y`` (``y`` redone in float64 when
+    its coefficients do not fit float32), for kernel-ready ``gamma``/``beta`` (``params``),
+    ``running`` as ``_running_args`` makes it and a bool ``relu``; returns ``(finite,
+    fwork)`` (see ``forward_train``)."""
+    args = (plan.ints, plan.counts, x, y, gamma, beta, eps, stats, have_stats)
+    args += (_plan.STREAM_BYTES, running, int(relu))
+    if plan.parallel:
+        returned = _call(plan, "forward_train", plan.fused, relu, args)
+    else:
+        returned = _SERIAL[relu]["forward_train", plan.fused](*args)
+    if relu:
+        finite, fits, fwork = returned
+    else:
+        (finite, fits), fwork = returned, None
+    if not fits:
+        _affine_float64(plan, y, x, stats[0], stats[3] * gamma, beta, relu=relu)
+    return finite, fwork
+
+
+def evaluate(plan, x, y, gamma, beta, eps, stats, relu):
+    """The forward_eval kernel with ``stats[0]``, ``stats[2]`` (mean, var) given, for
+    kernel-ready ``gamma``/``beta`` (``params``) and a bool ``relu``; returns ``fwork``
+    (see ``forward_eval``)."""
+    args = (plan.ints, x, y, gamma, beta, eps, stats, _plan.STREAM_BYTES, int(relu))
+    if plan.parallel:
+        returned = _call(plan, "forward_eval", False, relu, args)
+    else:
+        returned = _SERIAL[relu]["forward_eval", False](*args)
+    fits, fwork = returned if relu else (returned, None)
+    if not fits:
+        _affine_float64(plan, y, x, stats[0], stats[3] * gamma, beta, relu=relu)
+    return fwork
+
+
 def forward_train(
     plan, x, y, gamma, beta, eps, running_mean, running_var, momentum, ddof=1, relu=False,
     stats=None,
@@ -104,14 +142,7 @@ def forward_train(
     rm, rv = _kernel_running(running_mean), _kernel_running(running_var)
     running = _running_args(x, rm, rv, momentum, ddof, n)
     relu = bool(relu)
-    returned = _call(
-        plan, "forward_train", plan.fused, relu, plan.ints, plan.counts, x, y, gamma, beta, eps,
-        result, have_stats, _plan.STREAM_BYTES, running, int(relu),
-    )  # fmt: skip
-    finite, fits = returned[0], returned[1]
-    fwork = returned[2] if relu else None
-    if not fits:
-        _affine_float64(plan, y, x, result[0], result[3] * gamma, beta, relu=relu)
+    finite, fwork = train(plan, x, y, gamma, beta, eps, result, have_stats, running, relu)
     if rm is not running_mean:
         running_mean[...] = rm
     if rv is not running_var:
@@ -123,20 +154,22 @@ def forward_quick(plan, x, y, gamma, beta, eps, running_mean, running_var, momen
     """``forward_train`` with ``ddof``, or ``forward_eval`` when ``ddof`` is None (then
     ``momentum`` is unused), for the caller's ``gamma`` and ``beta`` (converted here by
     ``params``) and running arrays that are None or native float32/float64 (what
-    ``fastbn._checks.quick_view`` passes). Returns ``(stats, finite, fwork, kernel_gamma,
-    kernel_beta)``: ``stats``, ``finite`` and ``fwork`` as ``forward_train`` returns them
-    (``finite`` True in eval mode), gamma and beta as the kernels read them."""
+    ``fastbn._checks.quick_view`` passes), ``relu`` a bool. Returns ``(stats, finite,
+    fwork, kernel_gamma, kernel_beta)``: ``stats``, ``finite`` and ``fwork`` as
+    ``forward_train`` returns them (``finite`` True in eval mode), gamma and beta as the
+    kernels read them."""
     kernel_gamma = _param(gamma, plan.ones)
     kernel_beta = _param(beta, plan.zeros)
+    stats = np.empty((4, plan.C))
     if ddof is None:
-        stats, fwork = forward_eval(
-            plan, x, y, kernel_gamma, kernel_beta, eps, running_mean, running_var, relu
-        )
+        stats[0], stats[2] = running_mean, running_var
+        fwork = evaluate(plan, x, y, kernel_gamma, kernel_beta, eps, stats, relu)
         return stats, True, fwork, kernel_gamma, kernel_beta
-    stats, finite, fwork = forward_train(
-        plan, x, y, kernel_gamma, kernel_beta, eps, running_mean, running_var, momentum, ddof,
-        relu,
-    )  # fmt: skip
+    if running_mean is not None and running_var is not None and type(momentum) is float:
+        running = (running_mean, running_var, momentum, True, True, float(ddof), plan.count)
+    else:
+        running = _running_args(x, running_mean, running_var, momentum, ddof, plan.count)
+    finite, fwork = train(plan, x, y, kernel_gamma, kernel_beta, eps, stats, False, running, relu)
     return stats, finite, fwork, kernel_gamma, kernel_beta
 
 
@@ -147,19 +180,13 @@ def forward_eval(plan, x, y, gamma, beta, eps, mean, var, relu=False):
     ``forward_train``)."""
     stats = np.empty((4, plan.C))
     stats[0], stats[2] = mean, var
-    relu = bool(relu)
-    args = (plan.ints, x, y, gamma, beta, eps, stats, _plan.STREAM_BYTES, int(relu))
-    returned = _call(plan, "forward_eval", False, relu, *args)
-    fits, fwork = (returned[0], returned[1]) if relu else (returned, None)
-    if not fits:
-        _affine_float64(plan, y, x, stats[0], stats[3] * gamma, beta, relu=relu)
-    return stats, fwork
+    return stats, evaluate(plan, x, y, gamma, beta, eps, stats, bool(relu))
 
 
 def moments(plan, x):
     """Per-channel float64 ``(mean, m2)`` of flat ``x`` (the statistics pass alone)."""
     stats = np.empty((2, plan.C))
-    _call(plan, "moments", False, False, plan.ints, plan.counts, x, stats)
+    _call(plan, "moments", False, False, (plan.ints, plan.counts, x, stats))
     return stats[0], stats[1]
 
 
@@ -167,7 +194,7 @@ def grad_sums(plan, dy, x, mean):
     """Float64 ``(2, C)``: ``sum(dy)`` and ``sum(dy * (x - mean))`` per channel."""
     sums = np.empty((2, plan.C))
     args = (plan.ints, dy, x, mean, sums, _NO_FWORK[x.dtype.char], 0)
-    _call(plan, "grad_sums", False, False, *args)
+    _call(plan, "grad_sums", False, False, args)
     return sums
 
 
@@ -177,30 +204,50 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training, n=None, sums=None, 
     summed over processes), else those of ``dy``. ``fwork``: the forward's coefficients
     of a ReLU-fused forward (``fastbn._activation``); ``dy`` is then masked where the
     forward's pre-activation was not positive."""
-    C = plan.C
-    grads = np.empty((2, C))
     have_sums = sums is not None
-    sums = np.array(sums, np.float64) if have_sums else np.empty((2, C))
+    sums = np.array(sums, np.float64) if have_sums else np.empty((2, plan.C))
     n = plan.count if n is None else float(n)
     gamma = _param(gamma, plan.ones)
-    relu = fwork is not None
-    if not relu:
-        fwork = _NO_FWORK[x.dtype.char]
-    args = (plan.ints, dy, x, dx, mean, invstd, gamma, n, bool(training), grads, sums)
-    args += (have_sums, _plan.STREAM_BYTES, fwork, int(relu))
-    if not _call(plan, "backward", plan.fused and not have_sums, relu, *args):
-        if relu:  # redo as the composition, whose float64 path follows
-            dy = _activation.masked_dy(plan, dy, x, fwork)
-            given = sums if have_sums else None
-            return backward(plan, dy, x, dx, mean, invstd, gamma, training, n, given)
-        g = gamma * invstd
-        if training:  # the coefficients of fused.grad_params
-            p, q = -g * invstd * (grads[0] / n), -g * (grads[1] / n)
-            _affine_float64(plan, dx, x, mean, p, q, dy, g)
-        else:
-            zeros = np.zeros(C)
-            _affine_float64(plan, dx, dy, zeros, g, zeros)
+    training = bool(training)
+    grads = _backward(plan, dy, x, dx, mean, invstd, gamma, n, training, sums, have_sums, fwork)
     return grads[0], grads[1], sums
+
+
+def backward_quick(plan, dy, x, dx, mean, invstd, gamma, training, fwork):
+    """``backward`` without given sums, for a cache's ``gamma`` (None or the snapshot,
+    already as kernels read it) and ``training`` a bool: returns ``(dgamma, dbeta)``."""
+    if gamma is None:
+        gamma = plan.ones
+    sums, n = np.empty((2, plan.C)), plan.count
+    grads = _backward(plan, dy, x, dx, mean, invstd, gamma, n, training, sums, False, fwork)
+    return grads[0], grads[1]
+
+
+def _backward(plan, dy, x, dx, mean, invstd, gamma, n, training, sums, have_sums, fwork):
+    """The backward kernel (see ``backward``); redoes ``dx`` in float64 when its
+    coefficients do not fit float32. Returns ``grads`` (float64 ``(2, C)``)."""
+    grads = np.empty((2, plan.C))
+    relu = fwork is not None
+    args = (plan.ints, dy, x, dx, mean, invstd, gamma, n, training, grads, sums, have_sums)
+    args += (_plan.STREAM_BYTES, fwork if relu else _NO_FWORK[x.dtype.char], int(relu))
+    fused = plan.fused and not have_sums
+    if plan.parallel:
+        fits = _call(plan, "backward", fused, relu, args)
+    else:
+        fits = _SERIAL[relu]["backward", fused](*args)
+    if fits:
+        return grads
+    if relu:  # redo as the composition, whose float64 path follows
+        dy = _activation.masked_dy(plan, dy, x, fwork)
+        return _backward(plan, dy, x, dx, mean, invstd, gamma, n, training, sums, have_sums, None)
+    g = gamma * invstd
+    if training:  # the coefficients of fused.grad_params
+        p, q = -g * invstd * (grads[0] / n), -g * (grads[1] / n)
+        _affine_float64(plan, dx, x, mean, p, q, dy, g)
+    else:
+        zeros = np.zeros(plan.C)
+        _affine_float64(plan, dx, dy, zeros, g, zeros)
+    return grads
 
 
 def _affine_float64(plan, out, x, m, p, q, dy=None, g=None, relu=False):

@@ -12,6 +12,8 @@ from . import _activation, _checks, _launch, _stats
 
 __all__ = ["batch_norm", "batch_norm_backward", "BatchNormCache"]
 
+_FLOAT64 = np.dtype(np.float64)
+
 
 class BatchNormCache:
     """What ``batch_norm_backward`` needs from a forward call; O(C) memory.
@@ -293,9 +295,7 @@ def batch_norm_backward(dy, cache, *, out=None, sums=None):
         dgamma_raw, sum_dy = sums[1] * cache.invstd, sums[0]
     dx = _finish(view, dx, out)
     # views of kernel-owned float64 rows when the dtype is float64 (no copy), else converted
-    dgamma = None if cache.gamma_dtype is None else dgamma_raw.astype(cache.gamma_dtype, copy=False)
-    dbeta = None if cache.beta_dtype is None else sum_dy.astype(cache.beta_dtype, copy=False)
-    return dx, dgamma, dbeta
+    return dx, _as_param(dgamma_raw, cache.gamma_dtype), _as_param(sum_dy, cache.beta_dtype)
 
 
 def _quick(
@@ -337,11 +337,53 @@ def train_again(view, x, gamma, beta, running_mean, running_var, momentum, eps, 
     """``batch_norm(x, gamma, beta, training=True, running_mean=..., running_var=...,
     momentum=momentum, eps=eps, axis=view.axis, activation=activation)`` for a caller
     that has checked that every argument is what an earlier successful call of that
-    form validated (``_quick``'s conditions, gamma, beta and the running arrays of
-    ``view``'s dtype). Skips the checks; the layer's path for repeated calls."""
-    return _quick(
-        view, x, gamma, beta, True, running_mean, running_var, momentum, eps, activation, 1
+    form validated (``_quick``'s conditions; gamma, beta and both running arrays of
+    ``view``'s dtype, C-contiguous and writable when validated: the kernels read them
+    as they are). Skips the checks; the layer's path for repeated calls."""
+    plan = view.plan
+    x_flat = x.ravel()
+    y, y_flat = view.empty()
+    relu = activation is not None
+    kernel_gamma = plan.ones if gamma is None else gamma
+    kernel_beta = plan.zeros if beta is None else beta
+    stats = np.empty((4, plan.C))
+    # float(): one compiled signature whatever number type the layer's attributes hold
+    running = (running_mean, running_var, float(momentum), True, True, 1.0, plan.count)
+    train = (plan, x_flat, y_flat, kernel_gamma, kernel_beta, float(eps), stats, False)
+    finite, fwork = _launch.train(*train, running, relu)
+    if not finite:
+        _warn_overflow(stats[2])
+    gamma_copy = None if gamma is None else gamma.copy()
+    beta_copy = beta.copy() if relu and beta is not None else None
+    cache = BatchNormCache(
+        x, x_flat, view, gamma_copy, gamma, beta, stats, True, activation, beta_copy, fwork
     )
+    return y, cache
+
+
+def eval_again(view, x, gamma, beta, running_mean, running_var, eps, activation):
+    """``batch_norm(x, gamma, beta, training=False, running_mean=..., running_var=...,
+    eps=eps, axis=view.axis, activation=activation)`` under ``train_again``'s conditions
+    (the running arrays as validated; their values are checked again: a negative
+    ``running_var`` raises ``batch_norm``'s error, before anything is written)."""
+    _checks.check_running_var(running_var)
+    plan = view.plan
+    x_flat = x.ravel()
+    y, y_flat = view.empty()
+    relu = activation is not None
+    kernel_gamma = plan.ones if gamma is None else gamma
+    kernel_beta = plan.zeros if beta is None else beta
+    stats = np.empty((4, plan.C))
+    stats[0], stats[2] = running_mean, running_var
+    fwork = _launch.evaluate(
+        plan, x_flat, y_flat, kernel_gamma, kernel_beta, float(eps), stats, relu
+    )
+    gamma_copy = None if gamma is None else gamma.copy()
+    beta_copy = beta.copy() if relu and beta is not None else None
+    cache = BatchNormCache(
+        x, x_flat, view, gamma_copy, gamma, beta, stats, False, activation, beta_copy, fwork
+    )
+    return y, cache
 
 
 def _backward_quick(dy, cache):
@@ -361,13 +403,19 @@ def _backward_quick(dy, cache):
     if cache.activation is not None:
         dy_flat, fwork = _activation.backward_inputs(cache, dy_flat)
     stats = cache.stats
-    dgamma_raw, sum_dy, _ = _launch.backward(
+    dgamma, dbeta = _launch.backward_quick(
         view.plan, dy_flat, cache.x_flat, dx_flat, stats[0], stats[3], cache.gamma,
-        cache.training, fwork=fwork,
+        cache.training, fwork,
     )  # fmt: skip
-    dgamma = None if cache.gamma_dtype is None else dgamma_raw.astype(cache.gamma_dtype, copy=False)
-    dbeta = None if cache.beta_dtype is None else sum_dy.astype(cache.beta_dtype, copy=False)
-    return dx, dgamma, dbeta
+    return dx, _as_param(dgamma, cache.gamma_dtype), _as_param(dbeta, cache.beta_dtype)
+
+
+def _as_param(grad, dtype):
+    """A float64 gradient row in its parameter's ``dtype`` (None: no parameter); the row
+    itself for float64."""
+    if dtype is None:
+        return None
+    return grad if dtype is _FLOAT64 else grad.astype(dtype)
 
 
 def _output(view, out):

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _activation, _checks
 from ._memory import Lease
-from .functional import batch_norm, batch_norm_backward, train_again
+from .functional import batch_norm, batch_norm_backward, eval_again, train_again
 from .moments import Moments, moments
 
 __all__ = ["BatchNorm"]
@@ -96,7 +96,7 @@ class BatchNorm:
         self.num_batches_tracked = 0
         self._cache = None
         self._collected = None  # the moments seen inside collect_stats()
-        self._prepared = None  # what the last training call validated (_repeats)
+        self._prepared = None  # what the last call of the common forms validated (_repeats)
 
     # -- mode -------------------------------------------------------------------
     def train(self, mode=True):
@@ -112,12 +112,19 @@ class BatchNorm:
     def forward(self, x, *, out=None):
         """Normalize ``x`` (shape ``(N, C, ...)`` or channels-last per ``axis``) -> ``y``."""
         if out is None and self._repeats(x):
+            view = self._prepared[2]
+            if not self.training:
+                y, self._cache = eval_again(
+                    view, x, self.gamma, self.beta, self.running_mean, self.running_var,
+                    self.eps, self.activation,
+                )  # fmt: skip
+                return y
             momentum = self.momentum
             if momentum is None:
                 momentum = 1.0 / (self.num_batches_tracked + 1)
             y, self._cache = train_again(
-                self._prepared[2], x, self.gamma, self.beta, self.running_mean,
-                self.running_var, momentum, self.eps, self.activation,
+                view, x, self.gamma, self.beta, self.running_mean, self.running_var, momentum,
+                self.eps, self.activation,
             )  # fmt: skip
             self.num_batches_tracked += 1
             return y
@@ -146,15 +153,22 @@ class BatchNorm:
         self._cache = cache
         if update:
             self.num_batches_tracked += 1
+        if update or not use_batch_stats:
             self._prepare(x, out, cache)
         return y
 
     __call__ = forward
 
+    def _state(self):
+        """The attributes a call of the form ``_prepare`` recorded depends on."""
+        return (self.eps, self.momentum, self.axis, self.activation, self.training,
+                self.track_running_stats)  # fmt: skip
+
     def _prepare(self, x, out, cache):
-        """After a successful training call: remember what it validated, so that the next
-        call of the same form (same shape and dtype, this layer's own arrays) can skip
-        the checks (``_repeats``)."""
+        """After a successful call that used the running statistics (training with them,
+        or eval): remember what it validated, so that the next call of the same form
+        (same shape, dtype and mode, this layer's own arrays) can skip the checks
+        (``_repeats``)."""
         direct = (self.gamma, self.beta, self.running_mean, self.running_var)
         dtype = cache.view.compute
         plain = all(
@@ -163,14 +177,14 @@ class BatchNorm:
         )
         ok = out is None and plain and type(x) is np.ndarray and x.flags.c_contiguous
         ok = ok and x.dtype is dtype and not cache.view.channels_last
-        state = (self.eps, self.momentum, self.axis, self.activation)
-        self._prepared = (x.shape, dtype, cache.view, direct, state) if ok else None
+        self._prepared = (x.shape, dtype, cache.view, direct, self._state()) if ok else None
 
     def _repeats(self, x):
         """Whether ``x`` and the layer's state are what ``_prepare`` recorded (then every
-        check of ``batch_norm`` would pass again)."""
+        check of ``batch_norm`` would pass again, except eval mode's check of
+        ``running_var``, which ``eval_again`` repeats)."""
         prepared = self._prepared
-        if prepared is None or type(x) is not np.ndarray or not self.training:
+        if prepared is None or type(x) is not np.ndarray:
             return False
         shape, dtype, view, direct, state = prepared
         if x.shape != shape or x.dtype is not dtype or not x.flags.c_contiguous:
@@ -183,7 +197,7 @@ class BatchNorm:
             and self.beta is direct[1]
             and rm is direct[2]
             and rv is direct[3]
-            and (self.eps, self.momentum, self.axis, self.activation) == state
+            and self._state() == state
             and self._collected is None
             and rm.flags.writeable
             and rv.flags.writeable

@@ -1,0 +1,217 @@
+"""``BatchNorm`` skips the checks on a call of the form its last call validated
+(``BatchNorm._prepare`` / ``_repeats``, ``functional.train_again`` / ``eval_again``).
+These tests hold that path to ``fastbn.batch_norm`` through its checked path (arguments
+that are views of larger buffers, which the quick checks refuse): the same bits over
+many steps in both modes, and every change of the layer's state between calls honoured
+as a fresh layer would honour it."""
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn import functional
+
+
+def _view_of_copy(a):
+    """``a``'s values in an array that does not own its memory (the checked path)."""
+    big = np.empty((2,) + a.shape, a.dtype)
+    big[0] = a
+    return big[0]
+
+
+class Oracle:
+    """A layer's arithmetic through ``fastbn.batch_norm``'s checked path."""
+
+    def __init__(self, bn):
+        self.bn = bn
+        self.rm, self.rv = _view_of_copy(bn.running_mean), _view_of_copy(bn.running_var)
+        self.count = 0
+
+    def forward(self, x):
+        bn = self.bn
+        gamma = None if bn.gamma is None else _view_of_copy(bn.gamma)
+        beta = None if bn.beta is None else _view_of_copy(bn.beta)
+        momentum = bn.momentum
+        if momentum is None:
+            momentum = 1.0 / (self.count + 1)
+        if bn.training:
+            self.count += 1
+        y, self.cache = fastbn.batch_norm(
+            _view_of_copy(x), gamma, beta, training=bn.training, running_mean=self.rm,
+            running_var=self.rv, momentum=momentum, eps=bn.eps, activation=bn.activation,
+        )  # fmt: skip
+        return y
+
+    def backward(self, dy):
+        return fastbn.batch_norm_backward(_view_of_copy(dy), self.cache)
+
+
+def _rng_arrays(rng, shape, dtype):
+    x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
+    return x, rng.standard_normal(shape).astype(dtype)
+
+
+@pytest.mark.parametrize("shape", [(32, 12), (8, 5, 3, 3)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("momentum", [0.2, None])
+def test_repeated_calls_in_both_modes_give_the_checked_paths_bits(
+    shape, dtype, activation, momentum
+):
+    rng = np.random.default_rng(5)
+    bn = fastbn.BatchNorm(shape[1], dtype=dtype, activation=activation, momentum=momentum)
+    bn.gamma[...] = rng.uniform(0.5, 1.5, shape[1])
+    bn.beta[...] = rng.standard_normal(shape[1])
+    oracle = Oracle(bn)
+    for step in range(6):
+        bn.train(step % 3 != 2)  # two training steps, then an eval one
+        x, dy = _rng_arrays(rng, shape, dtype)
+        y = bn.forward(x)
+        np.testing.assert_array_equal(y, oracle.forward(x))
+        if bn.training:  # the quick path was taken from the second call of a form on
+            assert bn._repeats(x)
+        dx = bn.backward(dy)
+        dx_ref, dgamma_ref, dbeta_ref = oracle.backward(dy)
+        np.testing.assert_array_equal(dx, dx_ref)
+        np.testing.assert_array_equal(bn.dgamma, dgamma_ref)
+        np.testing.assert_array_equal(bn.dbeta, dbeta_ref)
+        np.testing.assert_array_equal(bn.running_mean, oracle.rm)
+        np.testing.assert_array_equal(bn.running_var, oracle.rv)
+        assert bn.num_batches_tracked == oracle.count
+        bn.gamma -= 0.01 * bn.dgamma  # an optimizer's in-place update between steps
+        bn.beta -= 0.01 * bn.dbeta
+    x, _ = _rng_arrays(rng, shape, dtype)
+    bn.eval()
+    bn.forward(x)
+    assert bn._repeats(x)  # eval calls of one form take the quick path too
+    np.testing.assert_array_equal(bn.forward(x), oracle.forward(x))
+
+
+def _changes():
+    """State changes between two calls of one form, as ``(name, change)``."""
+
+    def replace_gamma(bn):
+        bn.gamma = bn.gamma * 2.0
+
+    def replace_running_var(bn):
+        bn.running_var = bn.running_var + 1.0
+
+    def eps(bn):
+        bn.eps = 0.5
+
+    def momentum(bn):
+        bn.momentum = 0.9
+
+    def momentum_int(bn):
+        bn.momentum = 1
+
+    def no_running_stats(bn):
+        bn.track_running_stats = False
+
+    def in_place_running(bn):
+        bn.running_mean += 3.0
+        bn.running_var *= 4.0
+
+    return [
+        ("replace_gamma", replace_gamma),
+        ("replace_running_var", replace_running_var),
+        ("eps", eps),
+        ("momentum", momentum),
+        ("momentum_int", momentum_int),
+        ("no_running_stats", no_running_stats),
+        ("in_place_running", in_place_running),
+    ]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name, change", _changes())
+def test_a_state_change_between_calls_is_honoured(training, name, change):
+    rng = np.random.default_rng(11)
+    x1, _ = _rng_arrays(rng, (24, 6), np.float64)
+    x2, _ = _rng_arrays(rng, (24, 6), np.float64)
+    bn = fastbn.BatchNorm(6, dtype=np.float64).train(training)
+    bn.forward(x1)
+    bn.forward(x1)  # prepared: the next call of this form takes the quick path
+    change(bn)
+    fresh = fastbn.BatchNorm(6, dtype=np.float64).train(training)  # never prepared
+    for name in ("gamma", "beta", "running_mean", "running_var"):
+        getattr(fresh, name)[...] = getattr(bn, name)
+    fresh.eps, fresh.momentum = bn.eps, bn.momentum
+    fresh.track_running_stats = bn.track_running_stats
+    fresh.num_batches_tracked = bn.num_batches_tracked
+    before = (bn.running_mean.copy(), bn.running_var.copy())
+    y = bn.forward(x2)
+    y_fresh = fresh.forward(x2)
+    np.testing.assert_array_equal(y, y_fresh)
+    np.testing.assert_array_equal(bn.running_mean, fresh.running_mean)
+    np.testing.assert_array_equal(bn.running_var, fresh.running_var)
+    if not training or not bn.track_running_stats:
+        np.testing.assert_array_equal(bn.running_mean, before[0])
+
+
+def test_prepared_eval_then_training_on_a_single_sample_raises():
+    """An eval call of one sample per channel prepares its form; training on that form
+    must still raise (more than one value per channel), changing nothing."""
+    bn = fastbn.BatchNorm(4, dtype=np.float64).eval()
+    x = np.arange(4.0).reshape(1, 4)
+    bn.forward(x)
+    bn.forward(x)
+    bn.train()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn.forward(x)
+    np.testing.assert_array_equal(bn.running_mean, 0.0)
+    assert bn.num_batches_tracked == 0
+
+
+def test_prepared_eval_raises_for_a_negative_running_var_and_changes_nothing():
+    rng = np.random.default_rng(2)
+    x, _ = _rng_arrays(rng, (16, 5), np.float32)
+    bn = fastbn.BatchNorm(5).eval()
+    bn.forward(x)
+    cache = bn._cache
+    assert bn._repeats(x)
+    bn.running_var[3] = -1.0
+    with pytest.raises(ValueError) as quick:
+        bn.forward(x)
+    with pytest.raises(ValueError) as checked:
+        fastbn.batch_norm(
+            x, bn.gamma, bn.beta, training=False, running_mean=bn.running_mean,
+            running_var=_view_of_copy(bn.running_var),
+        )  # fmt: skip
+    assert str(quick.value) == str(checked.value)
+    assert "running_var must be >= 0" in str(quick.value)
+    assert bn._cache is cache  # the failed call left the layer as it was
+
+
+def test_read_only_running_stats_in_training_take_the_checked_path():
+    rng = np.random.default_rng(4)
+    x, _ = _rng_arrays(rng, (16, 5), np.float64)
+    bn = fastbn.BatchNorm(5, dtype=np.float64)
+    bn.forward(x)
+    bn.running_var.flags.writeable = False
+    assert not bn._repeats(x)
+    with pytest.raises(ValueError):
+        bn.forward(x)
+    assert bn.num_batches_tracked == 1
+
+
+def test_the_quick_layer_path_is_what_the_layer_runs(monkeypatch):
+    """Guard for the tests above: the second call of a form goes through
+    ``train_again`` / ``eval_again``, not through ``batch_norm``."""
+    calls = []
+    for name in ("train_again", "eval_again"):
+        original = getattr(functional, name)
+
+        def spy(*args, _original=original, _name=name):
+            calls.append(_name)
+            return _original(*args)
+
+        monkeypatch.setattr(fastbn.layer, name, spy)
+    x = np.random.default_rng(0).standard_normal((10, 3))
+    bn = fastbn.BatchNorm(3, dtype=np.float64)
+    bn.forward(x)
+    bn.forward(x)
+    bn.eval()
+    bn.forward(x)
+    bn.forward(x)
+    assert calls == ["train_again", "eval_again"]
