@@ -29,13 +29,14 @@ __all__ = ["warmup", "kernel_cache_stats"]
 
 # (family, target, shape): canonical views (outer, C, inner) and their plans, float32
 # and float64 alike (itemsize 4 or 8), checked in tests/test_warmup.py:
-#   rows (N, C, 1); planes (N, C, L) with N*L*itemsize > FUSE_BYTES; fused planes below it.
+#   rows (N, C, 1); planes (N, C, L) with N*L*itemsize > FUSE_BYTES, or below SERIAL_BELOW
+#   elements with planes under SHORT_PLANE_BYTES; fused planes otherwise.
 CASES = (
     ("rows", "serial", (64, 16)),
     ("rows", "parallel", (16384, 8)),
     ("planes", "serial", (1, 1, 262144)),
     ("planes", "parallel", (4, 2, 65536)),
-    ("fused planes", "serial", (4, 2, 8)),
+    ("fused planes", "serial", (4, 2, 256)),
     ("fused planes", "parallel", (4, 4, 4096)),
 )
 _DTYPES = {"float32": (np.float32,), "float64": (np.float64,), "both": (np.float32, np.float64)}

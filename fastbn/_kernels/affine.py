@@ -13,7 +13,10 @@
 the forward call: the mask is the forward's own arithmetic, so it equals ``y > 0``.
 
 Rows family: a task is ``AFFINE_BLOCK`` whole rows (no per-column state), so a wide row
-streams from start to end. Planes family: a task is a reduction task's block of planes.
+streams from start to end. Planes family: a task is ``AFFINE_BLOCK`` outer indices times
+``AFFINE_CHANNELS`` channels, its planes written in memory order (channel by channel,
+short planes one every ``C * inner`` elements ran ~1.7x slower); in a fused plan a task
+is one channel (``fused``).
 With ``stream`` (outputs of at least ``fastbn._plan.STREAM_BYTES``) a task's whole
 64-byte lines of ``out`` are written by streaming stores (``stream``), its unaligned head
 and tail by ordinary loops; the coefficient arrays extend periodically past ``C`` so
@@ -28,8 +31,17 @@ import numpy as np
 from . import stream as S
 from .coefficients import row_group
 from .jit import borrowing, drivers, inline, planes_only, relu_pair
-from .layout import AFFINE_BLOCK, AFFINE_TASKS, CHANNELS, INNER, OUTER, W_MEAN, W_OFFSET, W_SCALE
-from .partition import task
+from .layout import (
+    AFFINE_BLOCK,
+    AFFINE_CHANNELS,
+    AFFINE_TASKS,
+    CHANNELS,
+    INNER,
+    OUTER,
+    W_MEAN,
+    W_OFFSET,
+    W_SCALE,
+)
 from .stream import LINE, fmuladd, masked, relu_max, store_fence
 
 _U = np.uint64
@@ -95,38 +107,44 @@ def _run(x, dy, out, m, p, q, g, d, rm, rp, rq, C, i0, n, j, step, with_dy, mode
 
 
 @inline
-def _plane_runs(x, dy, out, m, p, q, g, d, rm, rp, rq, c, first, count, stride, n, with_dy, mode):
-    """``count`` runs of ``n`` elements of channel ``c``, the first at flat index ``first``
-    and each ``stride`` after the one before, with ordinary stores; one loop nest per
-    case with the channel's coefficients in scalars. Called once per task for whole
-    planes (``count`` planes of ``inner``). (With a helper inlined per plane, the serial
+def _plane_runs(x, dy, out, m, p, q, g, d, rm, rp, rq, C, inner, lo, hi, c_lo, c_hi, with_dy, mode):
+    """The planes of outer indices ``[lo, hi)`` and channels ``[c_lo, c_hi)``, in memory
+    order, with ordinary stores; one loop nest per case, the channel's coefficients in
+    scalars per plane. Called once per task. (With a helper inlined per plane, the serial
     target of NCHW (32, 16, 8, 8) reference-counted every array argument per plane and ran
     ~10x slower.)"""
-    mc, pc, qc, gc, dc = m[c], p[c], q[c], g[c], d[c]
     if with_dy and mode:
-        rmc, rpc, rqc = rm[c], rp[c], rq[c]
-        for o in range(count):
-            i0 = first + o * stride
-            for e in range(n):
-                xv = x[i0 + e]
-                dyv = masked(fmuladd(xv - rmc, rpc, rqc), dy[i0 + e])
-                out[i0 + e] = fmuladd(dyv - dc, gc, fmuladd(xv - mc, pc, qc))
+        for o in range(lo, hi):
+            for c in range(c_lo, c_hi):
+                mc, pc, qc, gc, dc = m[c], p[c], q[c], g[c], d[c]
+                rmc, rpc, rqc = rm[c], rp[c], rq[c]
+                i0 = (o * C + c) * inner
+                for e in range(inner):
+                    xv = x[i0 + e]
+                    dyv = masked(fmuladd(xv - rmc, rpc, rqc), dy[i0 + e])
+                    out[i0 + e] = fmuladd(dyv - dc, gc, fmuladd(xv - mc, pc, qc))
     elif with_dy:
-        for o in range(count):
-            i0 = first + o * stride
-            for e in range(n):
-                xc = x[i0 + e] - mc
-                out[i0 + e] = fmuladd(dy[i0 + e] - dc, gc, fmuladd(xc, pc, qc))
+        for o in range(lo, hi):
+            for c in range(c_lo, c_hi):
+                mc, pc, qc, gc, dc = m[c], p[c], q[c], g[c], d[c]
+                i0 = (o * C + c) * inner
+                for e in range(inner):
+                    xc = x[i0 + e] - mc
+                    out[i0 + e] = fmuladd(dy[i0 + e] - dc, gc, fmuladd(xc, pc, qc))
     elif mode:
-        for o in range(count):
-            i0 = first + o * stride
-            for e in range(n):
-                out[i0 + e] = relu_max(fmuladd(x[i0 + e] - mc, pc, qc))
+        for o in range(lo, hi):
+            for c in range(c_lo, c_hi):
+                mc, pc, qc = m[c], p[c], q[c]
+                i0 = (o * C + c) * inner
+                for e in range(inner):
+                    out[i0 + e] = relu_max(fmuladd(x[i0 + e] - mc, pc, qc))
     else:
-        for o in range(count):
-            i0 = first + o * stride
-            for e in range(n):
-                out[i0 + e] = fmuladd(x[i0 + e] - mc, pc, qc)
+        for o in range(lo, hi):
+            for c in range(c_lo, c_hi):
+                mc, pc, qc = m[c], p[c], q[c]
+                i0 = (o * C + c) * inner
+                for e in range(inner):
+                    out[i0 + e] = fmuladd(x[i0 + e] - mc, pc, qc)
 
 
 @inline
@@ -165,9 +183,9 @@ def _lines(x, dy, out, m, p, q, g, d, rm, rp, rq, C, k, nlines, j, rows, with_dy
 
 
 @borrowing
-def _eval_relu_dx(plan, x, dy, out, q, g, d, rm, rp, rq, lo, hi, c0):
+def _eval_relu_dx(plan, x, dy, out, q, g, d, rm, rp, rq, lo, hi, c_lo, c_hi):
     """``relu == 2``: ``out = (dy * (pre > 0) - d) * g + q`` over rows ``[lo, hi)`` or
-    over the planes of channel ``c0`` of outer indices ``[lo, hi)``."""
+    over the planes of channels ``[c_lo, c_hi)`` of outer indices ``[lo, hi)``."""
     C = _U(plan[CHANNELS])
     inner = _U(plan[INNER])
     if inner == 1:
@@ -177,12 +195,13 @@ def _eval_relu_dx(plan, x, dy, out, q, g, d, rm, rp, rq, lo, hi, c0):
                 dyv = masked(fmuladd(x[i0 + j] - rm[j], rp[j], rq[j]), dy[i0 + j])
                 out[i0 + j] = fmuladd(dyv - d[j], g[j], q[j])
         return
-    qc, gc, dc, rmc, rpc, rqc = q[c0], g[c0], d[c0], rm[c0], rp[c0], rq[c0]
     for o in range(lo, hi):
-        i0 = (o * C + c0) * inner
-        for e in range(inner):
-            dyv = masked(fmuladd(x[i0 + e] - rmc, rpc, rqc), dy[i0 + e])
-            out[i0 + e] = fmuladd(dyv - dc, gc, qc)
+        for c in range(c_lo, c_hi):
+            qc, gc, dc, rmc, rpc, rqc = q[c], g[c], d[c], rm[c], rp[c], rq[c]
+            i0 = (o * C + c) * inner
+            for e in range(inner):
+                dyv = masked(fmuladd(x[i0 + e] - rmc, rpc, rqc), dy[i0 + e])
+                out[i0 + e] = fmuladd(dyv - dc, gc, qc)
 
 
 @inline
@@ -205,47 +224,58 @@ def _affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, rel
     C = _U(plan[CHANNELS])
     rows = plan[INNER] == 1 if ROWS else False
     rm, rp, rq = fwork[W_MEAN], fwork[W_SCALE], fwork[W_OFFSET]
-    if rows:  # whole rows (see AFFINE_BLOCK)
-        lo = _U(t * plan[AFFINE_BLOCK])
-        hi = _U(min(plan[OUTER], (t + 1) * plan[AFFINE_BLOCK]))
-        c0 = _U(0)
-    else:
-        _, lo, hi, c0, _ = task(plan, t)
+    lo, hi, c_lo, c_hi = _affine_range(plan, t)
     if mode == 2:
-        _eval_relu_dx(plan, x, dy, out, q, g, d, rm, rp, rq, lo, hi, c0)
+        _eval_relu_dx(plan, x, dy, out, q, g, d, rm, rp, rq, lo, hi, c_lo, c_hi)
         return
     if not stream:  # ordinary stores only: plain loops (see _plane_runs)
         if rows:
             _rows_plain(x, dy, out, m, p, q, g, d, rm, rp, rq, C, lo, hi, with_dy, mode)
         else:
             inner = _U(plan[INNER])
-            first, count, stride = (lo * C + c0) * inner, hi - lo, C * inner
             _plane_runs(
-                x, dy, out, m, p, q, g, d, rm, rp, rq, c0, first, count, stride, inner,
-                with_dy, mode,
-            )  # fmt: skip
+                x, dy, out, m, p, q, g, d, rm, rp, rq, C, inner, lo, hi, c_lo, c_hi, with_dy, mode
+            )
         return
-    # segments: one flat run of rows, or one plane per outer index
-    nseg = _U(1) if rows else hi - lo
+    # segments: one flat run of rows, or the task's planes in memory order
+    nc = c_hi - c_lo
+    nseg = _U(1) if rows else (hi - lo) * nc
     seglen = (hi - lo) * C if rows else _U(plan[INNER])
     size = _U(out.itemsize)
     addr = _U(out.ctypes.data)
     streamed = False
     for s in range(nseg):
-        k = lo * C if rows else ((lo + s) * C + c0) * _U(plan[INNER])
+        c = _U(0) if rows else c_lo + s % nc
+        k = lo * C if rows else ((lo + s // nc) * C + c) * _U(plan[INNER])
         head, nlines = _split(addr, size, k, seglen, stream)
         tail = head + nlines * _U(LINE)
         for part in range(2):  # the head, then the tail (one inlined copy of the loops)
             i0 = k if part == 0 else k + tail
             n = head if part == 0 else seglen - tail
-            j0 = (_U(0) if part == 0 else tail % C) if rows else c0
+            j0 = (_U(0) if part == 0 else tail % C) if rows else c
             step = _U(1) if rows else _U(0)
             _run(x, dy, out, m, p, q, g, d, rm, rp, rq, C, i0, n, j0, step, with_dy, mode)
-        j = head % C if rows else c0
+        j = head % C if rows else c
         _lines(x, dy, out, m, p, q, g, d, rm, rp, rq, C, k + head, nlines, j, rows, with_dy, mode)
         streamed = streamed or nlines > _U(0)
     if streamed:
         store_fence()
+
+
+@borrowing
+def _affine_range(plan, t):
+    """Task ``t``'s outer indices ``[lo, hi)`` and channels ``[c_lo, c_hi)`` (unsigned):
+    ``AFFINE_BLOCK`` outer indices times ``AFFINE_CHANNELS`` channels (all of them for
+    rows)."""
+    per_task = plan[AFFINE_CHANNELS]
+    chunks = (plan[CHANNELS] + per_task - 1) // per_task
+    b = t // chunks
+    k = t - b * chunks
+    lo = b * plan[AFFINE_BLOCK]
+    hi = min(plan[OUTER], lo + plan[AFFINE_BLOCK])
+    c_lo = k * per_task
+    c_hi = min(plan[CHANNELS], c_lo + per_task)
+    return _U(lo), _U(hi), _U(c_lo), _U(c_hi)
 
 
 affine_task, affine_task_relu = relu_pair(borrowing, _affine_task)

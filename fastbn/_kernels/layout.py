@@ -21,10 +21,11 @@ import numpy as np
     NTASKS,  # NBLOCKS * NSPLIT reduction tasks
     PARALLEL,  # 1: run the parallel target
     FUSED,  # 1: planes whose channel fits in L2, one task per channel (see ``fused``)
-    AFFINE_BLOCK,  # whole rows per elementwise task (rows family)
+    AFFINE_BLOCK,  # outer indices (whole rows, or rows of planes) per elementwise task
     AFFINE_TASKS,
-) = range(12)
-PLAN_SIZE = 12
+    AFFINE_CHANNELS,  # channels per elementwise task (planes family; C for rows)
+) = range(13)
+PLAN_SIZE = 13
 
 # -- work: per-channel coefficients of ``(x - m) * p + q (+ (dy - d) * g)`` ------------------
 (

@@ -1,0 +1,90 @@
+"""The elementwise pass of the planes family writes its planes in memory order, a task
+being ``AFFINE_BLOCK`` outer indices times ``AFFINE_CHANNELS`` channels; small inputs
+with short planes (``_plan.SHORT_PLANE_BYTES``) take the two-pass path instead of the
+fused one. Oracles: the tasks' ranges against a plain count of every plane, and the
+fused path (forced with ``SHORT_PLANE_BYTES = 0``), whose per-channel steps are the
+same formulas, so the same bits."""
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn import _plan, _view
+from fastbn._kernels import affine, layout
+
+PLANS = [
+    (32, 16, 64, 4),  # small, short planes: two-pass, one task
+    (256, 64, 4, 4),
+    (8, 16, 256, 4),  # small, 1 KiB planes: fused
+    (64, 64, 4096, 4),  # large planes: two-pass, 16 channels per task
+    (40, 24, 5000, 8),  # chunks of 13 channels, the last one shorter
+    (3, 7, 200000, 4),  # one plane per task
+    (1, 1, 262144, 4),
+    (16, 64, 64, 4),  # parallel-sized, fused: a task per channel
+    (100, 37, 1, 8),  # rows
+    (1000, 5000, 1, 4),
+]
+
+
+@pytest.mark.parametrize("shape", PLANS, ids=str)
+def test_elementwise_tasks_cover_every_plane_once(shape):
+    outer, C, inner, itemsize = shape
+    plan = _plan.Plan(outer, C, inner, itemsize)
+    ints = plan.ints
+    seen = np.zeros((outer, C), np.int64)
+    for t in range(ints[layout.AFFINE_TASKS]):
+        lo, hi, c_lo, c_hi = (int(v) for v in affine._affine_range(ints, np.int64(t)))
+        assert 0 <= lo < hi <= outer and 0 <= c_lo < c_hi <= C
+        if inner == 1:  # rows: whole rows per task
+            assert (c_lo, c_hi) == (0, C)
+        seen[lo:hi, c_lo:c_hi] += 1
+    np.testing.assert_array_equal(seen, 1)
+    if plan.fused:  # a fused task is its channel
+        assert ints[layout.AFFINE_TASKS] == C and ints[layout.AFFINE_CHANNELS] == 1
+
+
+def test_small_short_planes_take_the_two_pass_path():
+    assert not _plan.Plan(32, 16, 64, 4).fused  # NCHW (32, 16, 8, 8) float32
+    assert not _plan.Plan(128, 64, 4, 8).fused  # (128, 64, 2, 2) float64
+    assert _plan.Plan(8, 16, 256, 4).fused  # 1 KiB planes
+    assert _plan.Plan(16, 64, 64, 4).fused  # parallel-sized
+    assert _plan.Plan(256, 64, 4, 4).fused
+
+
+def _call(x, dy, training, activation, out, rng):
+    C = x.shape[1]
+    dtype = x.dtype
+    gamma = (1.0 + 0.5 * rng.standard_normal(C)).astype(dtype)
+    beta = rng.standard_normal(C).astype(dtype)
+    rm, rv = rng.standard_normal(C).astype(dtype), rng.uniform(0.5, 2.0, C).astype(dtype)
+    y_out = np.empty_like(x) if out else None
+    y, cache = fastbn.batch_norm(
+        x, gamma, beta, training=training, running_mean=rm, running_var=rv,
+        activation=activation, out=y_out,
+    )  # fmt: skip
+    dx_out = np.empty_like(x) if out else None
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, cache, out=dx_out)
+    return [y, dx, dgamma, dbeta, rm, rv], cache.plan
+
+
+@pytest.mark.parametrize("out", [False, True], ids=["new", "out"])
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(32, 16, 8, 8), (64, 10, 2, 2), (7, 9, 1, 3), (33, 5, 16)])
+def test_two_pass_short_planes_give_the_fused_paths_bits(
+    shape, dtype, training, activation, out, monkeypatch
+):
+    rng = np.random.default_rng(sum(shape))
+    x = (2.0 + rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    results = []
+    for short_bytes in (_plan.SHORT_PLANE_BYTES, 0):
+        monkeypatch.setattr(_plan, "SHORT_PLANE_BYTES", short_bytes)
+        monkeypatch.setattr(_plan, "_plans", {})  # plans and views made afresh
+        monkeypatch.setattr(_view, "_views", {})
+        results.append(_call(x, dy, training, activation, out, np.random.default_rng(1)))
+    (two_pass, plan_a), (fused, plan_b) = results
+    assert not plan_a.fused and plan_b.fused
+    for a, b in zip(two_pass, fused):
+        assert a.tobytes() == b.tobytes()
