@@ -262,7 +262,7 @@ def _affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, rel
         store_fence()
 
 
-@borrowing
+@inline
 def _affine_range(plan, t):
     """Task ``t``'s outer indices ``[lo, hi)`` and channels ``[c_lo, c_hi)`` (unsigned):
     ``AFFINE_BLOCK`` outer indices times ``AFFINE_CHANNELS`` channels (all of them for
