@@ -31,12 +31,15 @@ SERIAL_BELOW = 1 << 16
 # Planes of one channel up to this many bytes are processed by one task that reads them
 # from memory once per pass and again from its core's L2 cache.
 FUSE_BYTES = 512 << 10
-# ... except for inputs below SERIAL_BELOW elements (in cache anyway) with planes shorter
-# than this: a channel's planes, one every C * inner elements, are written far slower
-# than the same planes in memory order (serial elementwise pass, float32 (32, 16, 64):
-# 5.5 us channel by channel against 3.3 us in memory order), so such inputs take the
-# two-pass path, whose elementwise tasks run their planes in memory order.
-SHORT_PLANE_BYTES = 1024
+# ... except for inputs below SERIAL_BELOW elements (in cache anyway) with planes of
+# SHORT_PLANE_BYTES to LONG_PLANE_BYTES: a channel's planes, one every C * inner elements,
+# are written far slower than the same planes in memory order (serial elementwise pass,
+# float32 (32, 16, 64): 5.5 us channel by channel against 3.4 us in memory order), so such
+# inputs take the two-pass path, whose elementwise tasks run their planes in memory order.
+# Tinier planes (2x2: 16 bytes in float32) stay fused: a loop per plane costs more than
+# the order saves there ((512, 16, 4): 16.9 us fused, 20.3 us in memory order).
+SHORT_PLANE_BYTES = 64
+LONG_PLANE_BYTES = 1024
 
 
 def _last_level_cache_bytes(default=32 << 20):
@@ -76,7 +79,7 @@ class Plan:
     def __init__(self, outer, C, inner, itemsize):
         self.outer, self.C, self.inner = outer, C, inner
         small = outer * C * inner < SERIAL_BELOW
-        short = inner * itemsize < SHORT_PLANE_BYTES
+        short = SHORT_PLANE_BYTES <= inner * itemsize < LONG_PLANE_BYTES
         self.fused = inner > 1 and outer * inner * itemsize <= FUSE_BYTES and not (small and short)
         if inner == 1:
             split_width = C if C <= _MAX_SPLIT_WIDTH else _SPLIT_WIDTH

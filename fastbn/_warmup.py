@@ -30,7 +30,7 @@ __all__ = ["warmup", "kernel_cache_stats"]
 # (family, target, shape): canonical views (outer, C, inner) and their plans, float32
 # and float64 alike (itemsize 4 or 8), checked in tests/test_warmup.py:
 #   rows (N, C, 1); planes (N, C, L) with N*L*itemsize > FUSE_BYTES, or below SERIAL_BELOW
-#   elements with planes under SHORT_PLANE_BYTES; fused planes otherwise.
+#   elements with planes of SHORT_PLANE_BYTES to LONG_PLANE_BYTES; fused planes otherwise.
 CASES = (
     ("rows", "serial", (64, 16)),
     ("rows", "parallel", (16384, 8)),

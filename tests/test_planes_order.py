@@ -1,9 +1,9 @@
 """The elementwise pass of the planes family writes its planes in memory order, a task
 being ``AFFINE_BLOCK`` outer indices times ``AFFINE_CHANNELS`` channels; small inputs
-with short planes (``_plan.SHORT_PLANE_BYTES``) take the two-pass path instead of the
-fused one. Oracles: the tasks' ranges against a plain count of every plane, and the
-fused path (forced with ``SHORT_PLANE_BYTES = 0``), whose per-channel steps are the
-same formulas, so the same bits."""
+with short planes (``_plan.SHORT_PLANE_BYTES`` to ``LONG_PLANE_BYTES``) take the two-pass
+path instead of the fused one. Oracles: the tasks' ranges against a plain count of every
+plane, and the fused path (forced with ``LONG_PLANE_BYTES = 0``), whose per-channel steps
+are the same formulas, so the same bits."""
 
 import numpy as np
 import pytest
@@ -45,7 +45,8 @@ def test_elementwise_tasks_cover_every_plane_once(shape):
 
 def test_small_short_planes_take_the_two_pass_path():
     assert not _plan.Plan(32, 16, 64, 4).fused  # NCHW (32, 16, 8, 8) float32
-    assert not _plan.Plan(128, 64, 4, 8).fused  # (128, 64, 2, 2) float64
+    assert not _plan.Plan(32, 64, 16, 4).fused  # (32, 64, 4, 4): 64-byte planes
+    assert _plan.Plan(512, 16, 4, 4).fused  # tinier planes (2x2 float32) stay fused
     assert _plan.Plan(8, 16, 256, 4).fused  # 1 KiB planes
     assert _plan.Plan(16, 64, 64, 4).fused  # parallel-sized
     assert _plan.Plan(256, 64, 4, 4).fused
@@ -71,7 +72,7 @@ def _call(x, dy, training, activation, out, rng):
 @pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(32, 16, 8, 8), (64, 10, 2, 2), (7, 9, 1, 3), (33, 5, 16)])
+@pytest.mark.parametrize("shape", [(32, 16, 8, 8), (64, 10, 4, 4), (7, 9, 4, 5), (33, 5, 16)])
 def test_two_pass_short_planes_give_the_fused_paths_bits(
     shape, dtype, training, activation, out, monkeypatch
 ):
@@ -79,8 +80,8 @@ def test_two_pass_short_planes_give_the_fused_paths_bits(
     x = (2.0 + rng.standard_normal(shape)).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     results = []
-    for short_bytes in (_plan.SHORT_PLANE_BYTES, 0):
-        monkeypatch.setattr(_plan, "SHORT_PLANE_BYTES", short_bytes)
+    for long_bytes in (_plan.LONG_PLANE_BYTES, 0):
+        monkeypatch.setattr(_plan, "LONG_PLANE_BYTES", long_bytes)
         monkeypatch.setattr(_plan, "_plans", {})  # plans and views made afresh
         monkeypatch.setattr(_view, "_views", {})
         results.append(_call(x, dy, training, activation, out, np.random.default_rng(1)))

@@ -107,44 +107,38 @@ def _run(x, dy, out, m, p, q, g, d, rm, rp, rq, C, i0, n, j, step, with_dy, mode
 
 
 @inline
-def _plane_runs(x, dy, out, m, p, q, g, d, rm, rp, rq, C, inner, lo, hi, c_lo, c_hi, with_dy, mode):
-    """The planes of outer indices ``[lo, hi)`` and channels ``[c_lo, c_hi)``, in memory
-    order, with ordinary stores; one loop nest per case, the channel's coefficients in
-    scalars per plane. Called once per task. (With a helper inlined per plane, the serial
+def _plane_runs(x, dy, out, m, p, q, g, d, rm, rp, rq, c, first, count, stride, n, with_dy, mode):
+    """``count`` runs of ``n`` elements of channel ``c``, the first at flat index ``first``
+    and each ``stride`` after the one before, with ordinary stores; one loop nest per
+    case with the channel's coefficients in scalars. Called once per task for whole
+    planes (``count`` planes of ``inner``). (With a helper inlined per plane, the serial
     target of NCHW (32, 16, 8, 8) reference-counted every array argument per plane and ran
     ~10x slower.)"""
+    mc, pc, qc, gc, dc = m[c], p[c], q[c], g[c], d[c]
     if with_dy and mode:
-        for o in range(lo, hi):
-            for c in range(c_lo, c_hi):
-                mc, pc, qc, gc, dc = m[c], p[c], q[c], g[c], d[c]
-                rmc, rpc, rqc = rm[c], rp[c], rq[c]
-                i0 = (o * C + c) * inner
-                for e in range(inner):
-                    xv = x[i0 + e]
-                    dyv = masked(fmuladd(xv - rmc, rpc, rqc), dy[i0 + e])
-                    out[i0 + e] = fmuladd(dyv - dc, gc, fmuladd(xv - mc, pc, qc))
+        rmc, rpc, rqc = rm[c], rp[c], rq[c]
+        for o in range(count):
+            i0 = first + o * stride
+            for e in range(n):
+                xv = x[i0 + e]
+                dyv = masked(fmuladd(xv - rmc, rpc, rqc), dy[i0 + e])
+                out[i0 + e] = fmuladd(dyv - dc, gc, fmuladd(xv - mc, pc, qc))
     elif with_dy:
-        for o in range(lo, hi):
-            for c in range(c_lo, c_hi):
-                mc, pc, qc, gc, dc = m[c], p[c], q[c], g[c], d[c]
-                i0 = (o * C + c) * inner
-                for e in range(inner):
-                    xc = x[i0 + e] - mc
-                    out[i0 + e] = fmuladd(dy[i0 + e] - dc, gc, fmuladd(xc, pc, qc))
+        for o in range(count):
+            i0 = first + o * stride
+            for e in range(n):
+                xc = x[i0 + e] - mc
+                out[i0 + e] = fmuladd(dy[i0 + e] - dc, gc, fmuladd(xc, pc, qc))
     elif mode:
-        for o in range(lo, hi):
-            for c in range(c_lo, c_hi):
-                mc, pc, qc = m[c], p[c], q[c]
-                i0 = (o * C + c) * inner
-                for e in range(inner):
-                    out[i0 + e] = relu_max(fmuladd(x[i0 + e] - mc, pc, qc))
+        for o in range(count):
+            i0 = first + o * stride
+            for e in range(n):
+                out[i0 + e] = relu_max(fmuladd(x[i0 + e] - mc, pc, qc))
     else:
-        for o in range(lo, hi):
-            for c in range(c_lo, c_hi):
-                mc, pc, qc = m[c], p[c], q[c]
-                i0 = (o * C + c) * inner
-                for e in range(inner):
-                    out[i0 + e] = fmuladd(x[i0 + e] - mc, pc, qc)
+        for o in range(count):
+            i0 = first + o * stride
+            for e in range(n):
+                out[i0 + e] = fmuladd(x[i0 + e] - mc, pc, qc)
 
 
 @inline
@@ -233,9 +227,17 @@ def _affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, rel
             _rows_plain(x, dy, out, m, p, q, g, d, rm, rp, rq, C, lo, hi, with_dy, mode)
         else:
             inner = _U(plan[INNER])
-            _plane_runs(
-                x, dy, out, m, p, q, g, d, rm, rp, rq, C, inner, lo, hi, c_lo, c_hi, with_dy, mode
-            )
+            # one channel (a fused task): its planes in one run; several: each plane in
+            # memory order (one call site: one inlined copy of the loops)
+            one = c_hi - c_lo == _U(1)
+            steps, count = (_U(1), hi - lo) if one else (hi - lo, _U(1))
+            for step in range(steps):
+                for c in range(c_lo, c_hi):
+                    first = ((lo + step) * C + c) * inner
+                    _plane_runs(
+                        x, dy, out, m, p, q, g, d, rm, rp, rq, c, first, count, C * inner, inner,
+                        with_dy, mode,
+                    )  # fmt: skip
         return
     # segments: one flat run of rows, or the task's planes in memory order
     nc = c_hi - c_lo
