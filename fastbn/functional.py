@@ -333,13 +333,19 @@ def _quick(
     return y, cache
 
 
-def train_again(view, x, gamma, beta, running_mean, running_var, momentum, eps, activation):
-    """``batch_norm(x, gamma, beta, training=True, running_mean=..., running_var=...,
+def call_again(
+    view, x, gamma, beta, running_mean, running_var, momentum, eps, activation, training
+):
+    """``batch_norm(x, gamma, beta, training=training, running_mean=..., running_var=...,
     momentum=momentum, eps=eps, axis=view.axis, activation=activation)`` for a caller
     that has checked that every argument is what an earlier successful call of that
     form validated (``_quick``'s conditions; gamma, beta and both running arrays of
     ``view``'s dtype, C-contiguous and writable when validated: the kernels read them
-    as they are). Skips the checks; the layer's path for repeated calls."""
+    as they are). Skips the checks but, in eval mode, that of ``running_var``'s values: a
+    negative one raises ``batch_norm``'s error before anything is written. The layer's
+    path for repeated calls."""
+    if not training:
+        _checks.check_running_var(running_var)
     plan = view.plan
     x_flat = x.ravel()
     y, y_flat = view.empty()
@@ -348,40 +354,19 @@ def train_again(view, x, gamma, beta, running_mean, running_var, momentum, eps, 
     kernel_beta = plan.zeros if beta is None else beta
     stats = np.empty((4, plan.C))
     # float(): one compiled signature whatever number type the layer's attributes hold
-    running = (running_mean, running_var, float(momentum), True, True, 1.0, plan.count)
-    train = (plan, x_flat, y_flat, kernel_gamma, kernel_beta, float(eps), stats, False)
-    finite, fwork = _launch.train(*train, running, relu)
-    if not finite:
-        _warn_overflow(stats[2])
+    normalize = (plan, x_flat, y_flat, kernel_gamma, kernel_beta, float(eps), stats)
+    if training:
+        running = (running_mean, running_var, float(momentum), True, True, 1.0, plan.count)
+        finite, fwork = _launch.train(*normalize, False, running, relu)
+        if not finite:
+            _warn_overflow(stats[2])
+    else:
+        stats[0], stats[2] = running_mean, running_var
+        fwork = _launch.evaluate(*normalize, relu)
     gamma_copy = None if gamma is None else gamma.copy()
     beta_copy = beta.copy() if relu and beta is not None else None
     cache = BatchNormCache(
-        x, x_flat, view, gamma_copy, gamma, beta, stats, True, activation, beta_copy, fwork
-    )
-    return y, cache
-
-
-def eval_again(view, x, gamma, beta, running_mean, running_var, eps, activation):
-    """``batch_norm(x, gamma, beta, training=False, running_mean=..., running_var=...,
-    eps=eps, axis=view.axis, activation=activation)`` under ``train_again``'s conditions
-    (the running arrays as validated; their values are checked again: a negative
-    ``running_var`` raises ``batch_norm``'s error, before anything is written)."""
-    _checks.check_running_var(running_var)
-    plan = view.plan
-    x_flat = x.ravel()
-    y, y_flat = view.empty()
-    relu = activation is not None
-    kernel_gamma = plan.ones if gamma is None else gamma
-    kernel_beta = plan.zeros if beta is None else beta
-    stats = np.empty((4, plan.C))
-    stats[0], stats[2] = running_mean, running_var
-    fwork = _launch.evaluate(
-        plan, x_flat, y_flat, kernel_gamma, kernel_beta, float(eps), stats, relu
-    )
-    gamma_copy = None if gamma is None else gamma.copy()
-    beta_copy = beta.copy() if relu and beta is not None else None
-    cache = BatchNormCache(
-        x, x_flat, view, gamma_copy, gamma, beta, stats, False, activation, beta_copy, fwork
+        x, x_flat, view, gamma_copy, gamma, beta, stats, training, activation, beta_copy, fwork
     )
     return y, cache
 

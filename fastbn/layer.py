@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _activation, _checks
 from ._memory import Lease
-from .functional import batch_norm, batch_norm_backward, eval_again, train_again
+from .functional import batch_norm, batch_norm_backward, call_again
 from .moments import Moments, moments
 
 __all__ = ["BatchNorm"]
@@ -112,21 +112,15 @@ class BatchNorm:
     def forward(self, x, *, out=None):
         """Normalize ``x`` (shape ``(N, C, ...)`` or channels-last per ``axis``) -> ``y``."""
         if out is None and self._repeats(x):
-            view = self._prepared[2]
-            if not self.training:
-                y, self._cache = eval_again(
-                    view, x, self.gamma, self.beta, self.running_mean, self.running_var,
-                    self.eps, self.activation,
-                )  # fmt: skip
-                return y
             momentum = self.momentum
             if momentum is None:
                 momentum = 1.0 / (self.num_batches_tracked + 1)
-            y, self._cache = train_again(
-                view, x, self.gamma, self.beta, self.running_mean, self.running_var, momentum,
-                self.eps, self.activation,
+            y, self._cache = call_again(
+                self._prepared[2], x, self.gamma, self.beta, self.running_mean,
+                self.running_var, momentum, self.eps, self.activation, self.training,
             )  # fmt: skip
-            self.num_batches_tracked += 1
+            if self.training:
+                self.num_batches_tracked += 1
             return y
         self._check_channels(x)
         if self._collected is not None:
@@ -182,7 +176,7 @@ class BatchNorm:
     def _repeats(self, x):
         """Whether ``x`` and the layer's state are what ``_prepare`` recorded (then every
         check of ``batch_norm`` would pass again, except eval mode's check of
-        ``running_var``, which ``eval_again`` repeats)."""
+        ``running_var``, which ``call_again`` repeats)."""
         prepared = self._prepared
         if prepared is None or type(x) is not np.ndarray:
             return False

@@ -1,5 +1,5 @@
 """``BatchNorm`` skips the checks on a call of the form its last call validated
-(``BatchNorm._prepare`` / ``_repeats``, ``functional.train_again`` / ``eval_again``).
+(``BatchNorm._prepare`` / ``_repeats``, ``functional.call_again``).
 These tests hold that path to ``fastbn.batch_norm`` through its checked path (arguments
 that are views of larger buffers, which the quick checks refuse): the same bits over
 many steps in both modes, and every change of the layer's state between calls honoured
@@ -197,16 +197,15 @@ def test_read_only_running_stats_in_training_take_the_checked_path():
 
 def test_the_quick_layer_path_is_what_the_layer_runs(monkeypatch):
     """Guard for the tests above: the second call of a form goes through
-    ``train_again`` / ``eval_again``, not through ``batch_norm``."""
+    ``functional.call_again`` (training, then eval), not through ``batch_norm``."""
     calls = []
-    for name in ("train_again", "eval_again"):
-        original = getattr(functional, name)
+    original = functional.call_again
 
-        def spy(*args, _original=original, _name=name):
-            calls.append(_name)
-            return _original(*args)
+    def spy(*args):
+        calls.append(args[-1])  # training
+        return original(*args)
 
-        monkeypatch.setattr(fastbn.layer, name, spy)
+    monkeypatch.setattr(fastbn.layer, "call_again", spy)
     x = np.random.default_rng(0).standard_normal((10, 3))
     bn = fastbn.BatchNorm(3, dtype=np.float64)
     bn.forward(x)
@@ -214,4 +213,4 @@ def test_the_quick_layer_path_is_what_the_layer_runs(monkeypatch):
     bn.eval()
     bn.forward(x)
     bn.forward(x)
-    assert calls == ["train_again", "eval_again"]
+    assert calls == [True, False]
