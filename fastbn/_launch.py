@@ -165,10 +165,7 @@ def forward_quick(plan, x, y, gamma, beta, eps, running_mean, running_var, momen
         stats[0], stats[2] = running_mean, running_var
         fwork = evaluate(plan, x, y, kernel_gamma, kernel_beta, eps, stats, relu)
         return stats, True, fwork, kernel_gamma, kernel_beta
-    if running_mean is not None and running_var is not None and type(momentum) is float:
-        running = (running_mean, running_var, momentum, True, True, float(ddof), plan.count)
-    else:
-        running = _running_args(x, running_mean, running_var, momentum, ddof, plan.count)
+    running = _running_args(x, running_mean, running_var, momentum, ddof, plan.count)
     finite, fwork = train(plan, x, y, kernel_gamma, kernel_beta, eps, stats, False, running, relu)
     return stats, finite, fwork, kernel_gamma, kernel_beta
 

@@ -270,7 +270,7 @@ def _affine_range(plan, t):
     ``AFFINE_BLOCK`` outer indices times ``AFFINE_CHANNELS`` channels (all of them for
     rows)."""
     per_task = plan[AFFINE_CHANNELS]
-    chunks = (plan[CHANNELS] + per_task - 1) // per_task
+    chunks = max(1, (plan[CHANNELS] + per_task - 1) // per_task)  # 1 when C == 0
     b = t // chunks
     k = t - b * chunks
     lo = b * plan[AFFINE_BLOCK]
