@@ -288,7 +288,7 @@ def quick_view(
     last check, so no other error comes first)."""
     if type(eps) is not float or type(ddof) is not int or not 0.0 < eps < math.inf:
         return None
-    if not 0 <= ddof <= 1 or (out is not None and not _plain_out(out, x)):
+    if not 0 <= ddof <= 1 or (out is not None and not plain_out(out, x)):
         return None
     view = fast_view(x, axis)
     if view is None:
@@ -319,7 +319,7 @@ def quick_view(
     return view
 
 
-def _plain_out(out, x):
+def plain_out(out, x):
     """True when ``out`` is a writable C-contiguous array of ``x``'s shape and dtype that
     owns its buffer and is not ``x``: then the kernels write it directly and it overlaps
     no argument that owns its memory (the quick form of ``check_out``)."""
@@ -327,8 +327,28 @@ def _plain_out(out, x):
         return False
     if out.shape != x.shape or not out.flags.c_contiguous or not out.flags.writeable:
         return False
-    base = out.base
+    return owns_memory(out)
+
+
+def owns_memory(a):
+    """True when ``a`` owns its buffer (or holds a recycled output's, ``_memory.Lease``):
+    then only ``a`` itself or a view of it can overlap it."""
+    base = a.base
     return base is None or type(base) is _memory.Lease
+
+
+def plain_dx_out(out, dy, x):
+    """The quick form of ``backward_args``' check of ``out`` for a plain ``dy`` (a
+    C-contiguous ndarray of the storage dtype and x's shape): True when ``out`` is a
+    writable C-contiguous array like ``dy`` that is ``dy`` itself or owns its buffer
+    while ``dy`` owns its own, is not ``x``, and ``x`` owns its buffer too; then ``out``
+    overlaps neither ``dy`` (unless it is ``dy``, which an elementwise update allows)
+    nor ``x``."""
+    if out is not dy and not (plain_out(out, dy) and owns_memory(dy)):
+        return False
+    if out is dy and not (dy.flags.writeable and owns_memory(dy)):
+        return False
+    return out is not x and owns_memory(x)
 
 
 def check_stats(stats, C, training):

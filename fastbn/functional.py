@@ -260,8 +260,8 @@ def batch_norm_backward(dy, cache, *, out=None, sums=None):
     Raises ``ValueError`` when ``x`` was visibly modified since the forward call
     (a sample of its values is compared; see ``BatchNormCache``).
     """
-    if out is None and sums is None and type(cache) is BatchNormCache:
-        result = _backward_quick(dy, cache)
+    if sums is None and type(cache) is BatchNormCache:
+        result = _backward_quick(dy, cache, out)
         if result is not None:
             return result
     dy, out = _checks.backward_args(dy, cache, out, BatchNormCache)
@@ -334,21 +334,23 @@ def _quick(
 
 
 def call_again(
-    view, x, gamma, beta, running_mean, running_var, momentum, eps, activation, training
-):
+    view, x, gamma, beta, running_mean, running_var, momentum, eps, activation, training,
+    out=None,
+):  # fmt: skip
     """``batch_norm(x, gamma, beta, training=training, running_mean=..., running_var=...,
-    momentum=momentum, eps=eps, axis=view.axis, activation=activation)`` for a caller
-    that has checked that every argument is what an earlier successful call of that
-    form validated (``_quick``'s conditions; gamma, beta and both running arrays of
+    momentum=momentum, eps=eps, axis=view.axis, activation=activation, out=out)`` for a
+    caller that has checked that every argument is what an earlier successful call of
+    that form validated (``_quick``'s conditions; gamma, beta and both running arrays of
     ``view``'s dtype, C-contiguous and writable when validated: the kernels read them
-    as they are). Skips the checks but, in eval mode, that of ``running_var``'s values: a
-    negative one raises ``batch_norm``'s error before anything is written. The layer's
-    path for repeated calls."""
+    as they are; ``out`` None or an array that ``_checks.plain_out`` accepts for ``x``).
+    Skips the checks but, in eval mode, that of ``running_var``'s values: a negative one
+    raises ``batch_norm``'s error before anything is written. The layer's path for
+    repeated calls."""
     if not training:
         _checks.check_running_var(running_var)
     plan = view.plan
     x_flat = x.ravel()
-    y, y_flat = view.empty()
+    y, y_flat = view.empty() if out is None else (out, out.ravel())
     relu = activation is not None
     kernel_gamma = plan.ones if gamma is None else gamma
     kernel_beta = plan.zeros if beta is None else beta
@@ -371,10 +373,11 @@ def call_again(
     return y, cache
 
 
-def _backward_quick(dy, cache):
-    """``batch_norm_backward(dy, cache)`` of the common call, or None when it is not one:
-    a plain C-contiguous ``dy`` of the forward's shape and storage dtype (float32 or
-    float64, not channels-last), a cache without ``stats=``."""
+def _backward_quick(dy, cache, out):
+    """``batch_norm_backward(dy, cache, out=out)`` of the common call, or None when it is
+    not one: a plain C-contiguous ``dy`` of the forward's shape and storage dtype (float32
+    or float64, not channels-last), a cache without ``stats=``, ``out`` None or an array
+    the kernels write directly that overlaps nothing it must not (``_checks.plain_dx_out``)."""
     view = cache.view
     if cache.count is not None or view.channels_last:
         return None
@@ -382,8 +385,10 @@ def _backward_quick(dy, cache):
         return None
     if dy.shape != view.shape or not dy.flags.c_contiguous or not dy.size:
         return None
+    if out is not None and not _checks.plain_dx_out(out, dy, cache.x):
+        return None
     _checks.check_x_sample(cache.x_flat, cache.x_sample)
-    dx, dx_flat = view.empty()
+    dx, dx_flat = view.empty() if out is None else (out, out.ravel())
     dy_flat, fwork = dy.ravel(), None
     if cache.activation is not None:
         dy_flat, fwork = _activation.backward_inputs(cache, dy_flat)

@@ -111,13 +111,13 @@ class BatchNorm:
     # -- compute ----------------------------------------------------------------
     def forward(self, x, *, out=None):
         """Normalize ``x`` (shape ``(N, C, ...)`` or channels-last per ``axis``) -> ``y``."""
-        if out is None and self._repeats(x):
+        if self._repeats(x, out):
             momentum = self.momentum
             if momentum is None:
                 momentum = 1.0 / (self.num_batches_tracked + 1)
             y, self._cache = call_again(
                 self._prepared[2], x, self.gamma, self.beta, self.running_mean,
-                self.running_var, momentum, self.eps, self.activation, self.training,
+                self.running_var, momentum, self.eps, self.activation, self.training, out,
             )  # fmt: skip
             if self.training:
                 self.num_batches_tracked += 1
@@ -148,7 +148,7 @@ class BatchNorm:
         if update:
             self.num_batches_tracked += 1
         if update or not use_batch_stats:
-            self._prepare(x, out, cache)
+            self._prepare(x, cache)
         return y
 
     __call__ = forward
@@ -158,33 +158,41 @@ class BatchNorm:
         return (self.eps, self.momentum, self.axis, self.activation, self.training,
                 self.track_running_stats)  # fmt: skip
 
-    def _prepare(self, x, out, cache):
+    def _prepare(self, x, cache):
         """After a successful call that used the running statistics (training with them,
         or eval): remember what it validated, so that the next call of the same form
         (same shape, dtype and mode, this layer's own arrays) can skip the checks
-        (``_repeats``)."""
+        (``_repeats``). Whether ``out`` was given does not matter: ``_repeats`` checks
+        each call's ``out``."""
         direct = (self.gamma, self.beta, self.running_mean, self.running_var)
         dtype = cache.view.compute
         plain = all(
             a is None or (a.dtype is dtype and a.flags.c_contiguous and a.flags.writeable)
             for a in direct
         )
-        ok = out is None and plain and type(x) is np.ndarray and x.flags.c_contiguous
+        ok = plain and type(x) is np.ndarray and x.flags.c_contiguous
         ok = ok and x.dtype is dtype and not cache.view.channels_last
-        self._prepared = (x.shape, dtype, cache.view, direct, self._state()) if ok else None
+        # an out= that owns its buffer cannot overlap arrays that own theirs
+        owners = all(a is None or _checks.owns_memory(a) for a in direct)
+        prepared = (x.shape, dtype, cache.view, direct, self._state(), owners)
+        self._prepared = prepared if ok else None
 
-    def _repeats(self, x):
-        """Whether ``x`` and the layer's state are what ``_prepare`` recorded (then every
-        check of ``batch_norm`` would pass again, except eval mode's check of
-        ``running_var``, which ``call_again`` repeats)."""
+    def _repeats(self, x, out=None):
+        """Whether ``x``, ``out`` and the layer's state are what ``_prepare`` recorded
+        (then every check of ``batch_norm`` would pass again, except eval mode's check
+        of ``running_var``, which ``call_again`` repeats). ``out`` must be None or an
+        array the kernels write directly that overlaps no other argument
+        (``_checks.plain_out``, and the layer's own arrays owning their buffers)."""
         prepared = self._prepared
         if prepared is None or type(x) is not np.ndarray:
             return False
-        shape, dtype, view, direct, state = prepared
+        shape, dtype, view, direct, state, owners = prepared
         if x.shape != shape or x.dtype is not dtype or not x.flags.c_contiguous:
             return False
         if x.base is not None and type(x.base) is not Lease:
             return False  # a view: it might overlap the running statistics
+        if out is not None and not (owners and _checks.plain_out(out, x)):
+            return False
         rm, rv = self.running_mean, self.running_var
         return (
             self.gamma is direct[0]

@@ -202,7 +202,7 @@ def test_the_quick_layer_path_is_what_the_layer_runs(monkeypatch):
     original = functional.call_again
 
     def spy(*args):
-        calls.append(args[-1])  # training
+        calls.append(args[9])  # training
         return original(*args)
 
     monkeypatch.setattr(fastbn.layer, "call_again", spy)
@@ -214,3 +214,72 @@ def test_the_quick_layer_path_is_what_the_layer_runs(monkeypatch):
     bn.forward(x)
     bn.forward(x)
     assert calls == [True, False]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_repeated_calls_with_out_give_the_checked_paths_bits(monkeypatch, dtype, activation):
+    """``forward(x, out=y)`` and ``backward(dy, out=dx)`` on preallocated arrays: the
+    quick layer path (``call_again`` is given ``out``) writes them with the bits of the
+    checked path, over training and eval steps."""
+    outs = []
+    original = functional.call_again
+
+    def spy(*args):
+        outs.append(args[10])  # out
+        return original(*args)
+
+    monkeypatch.setattr(fastbn.layer, "call_again", spy)
+    rng = np.random.default_rng(7)
+    shape = (24, 6, 2, 3)
+    bn = fastbn.BatchNorm(shape[1], dtype=dtype, activation=activation)
+    oracle = Oracle(bn)
+    y_out, dx_out = np.empty(shape, dtype), np.empty(shape, dtype)
+    for step in range(6):
+        bn.train(step not in (2, 3))
+        x, dy = _rng_arrays(rng, shape, dtype)
+        assert bn.forward(x, out=y_out) is y_out
+        np.testing.assert_array_equal(y_out, oracle.forward(x))
+        assert bn.backward(dy, out=dx_out) is dx_out
+        dx_ref, dgamma_ref, dbeta_ref = oracle.backward(dy)
+        np.testing.assert_array_equal(dx_out, dx_ref)
+        np.testing.assert_array_equal(bn.dgamma, dgamma_ref)
+        np.testing.assert_array_equal(bn.running_var, oracle.rv)
+    # steps 1, 3 and 5 repeat their step before's form
+    assert len(outs) == 3 and all(o is y_out for o in outs)
+
+
+@pytest.mark.parametrize("make_out", [lambda x: x, lambda x: x.reshape(x.shape)])
+def test_a_layer_out_overlapping_x_raises_after_a_prepared_call(make_out):
+    """``out`` that is ``x`` or a view of it: the quick layer path refuses it and the
+    checked path raises, changing nothing."""
+    rng = np.random.default_rng(8)
+    x, _ = _rng_arrays(rng, (16, 5), np.float64)
+    bn = fastbn.BatchNorm(5, dtype=np.float64)
+    bn.forward(x)
+    out = make_out(x)
+    assert bn._repeats(x) and not bn._repeats(x, out)
+    before, mean_before = x.copy(), bn.running_mean.copy()
+    with pytest.raises(ValueError, match="out overlaps x"):
+        bn.forward(x, out=out)
+    np.testing.assert_array_equal(x, before)
+    np.testing.assert_array_equal(bn.running_mean, mean_before)
+    assert bn.num_batches_tracked == 1
+
+
+def test_an_out_with_running_stats_that_are_views_takes_the_checked_path():
+    """Running statistics that are views of a larger buffer: an ``out`` inside that
+    buffer would overlap them, so the quick layer path refuses every ``out`` (the checked
+    path then decides); the results are those of a layer with arrays of its own."""
+    rng = np.random.default_rng(9)
+    x, _ = _rng_arrays(rng, (16, 5), np.float32)
+    bn, plain = fastbn.BatchNorm(5), fastbn.BatchNorm(5)
+    buffer = np.zeros((3, 5), np.float32)
+    buffer[1] = 1.0
+    bn.running_mean, bn.running_var = buffer[0], buffer[1]
+    out = np.empty_like(x)
+    for _ in range(2):
+        bn.forward(x, out=out)
+        assert bn._repeats(x) and not bn._repeats(x, out)
+        np.testing.assert_array_equal(out, plain.forward(x))
+    np.testing.assert_array_equal(bn.running_var, plain.running_var)

@@ -73,9 +73,16 @@ def test_quick_and_checked_paths_give_the_same_bits(shape, dtype, training, with
     np.testing.assert_array_equal(cache1.mean, cache2.mean)
     np.testing.assert_array_equal(cache1.invstd, cache2.invstd)
     # the quick backward (plain dy) against the checked one (a dy that is a view)
-    assert functional._backward_quick(dy, cache1) is not None
-    dx1, dg1, db1 = fastbn.batch_norm_backward(dy, cache1)
-    dx2, dg2, db2 = fastbn.batch_norm_backward(_view_of_copy(dy)[:, ::-1][:, ::-1], cache2)
+    assert functional._backward_quick(dy, cache1, None) is not None
+    dx_quick = np.full(shape, 5, dtype) if with_out else None
+    dx_checked = _view_of_copy(np.full(shape, 5, dtype)) if with_out else None
+    assert _checks.plain_dx_out(dx_quick, dy, x) if with_out else True
+    dx1, dg1, db1 = fastbn.batch_norm_backward(dy, cache1, out=dx_quick)
+    dx2, dg2, db2 = fastbn.batch_norm_backward(
+        _view_of_copy(dy)[:, ::-1][:, ::-1], cache2, out=dx_checked
+    )
+    if with_out:
+        assert dx1 is dx_quick and dx2 is dx_checked
     np.testing.assert_array_equal(dx1, dx2)
     np.testing.assert_array_equal(dg1, dg2)
     np.testing.assert_array_equal(db1, db2)
@@ -126,7 +133,7 @@ def test_quick_eval_raises_the_checked_paths_error_for_a_negative_running_var():
 def test_an_out_the_quick_check_refuses_goes_through_the_checked_path(make_out):
     x, _, (gamma, beta, rm, rv) = _arrays((16, 8), np.float32)
     out = make_out(x)
-    assert not _checks._plain_out(out, x)
+    assert not _checks.plain_out(out, x)
     rm_before, rv_before = rm.copy(), rv.copy()
     try:
         y, _ = fastbn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, out=out)
@@ -154,3 +161,87 @@ def test_an_x_inside_out_goes_through_the_checked_path(training):
         fastbn.batch_norm(x, training=training, running_mean=rm, running_var=rv, out=out)
     np.testing.assert_array_equal(out, before)
     np.testing.assert_array_equal(rm, 0.0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_backward_into_dy_itself_takes_the_quick_path(training, activation):
+    """``out=dy`` (allowed: the update is elementwise) gives the bits of an allocating
+    call, through the quick path."""
+    x, dy, params = _arrays((40, 24), np.float32, seed=2)
+    y, cache = _forward(x, params, training, None, activation)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, cache)
+    assert _checks.plain_dx_out(dy, dy, x)
+    dx_in_place, dgamma2, dbeta2 = fastbn.batch_norm_backward(dy, cache, out=dy)
+    assert dx_in_place is dy
+    np.testing.assert_array_equal(dy, dx)
+    np.testing.assert_array_equal(dgamma2, dgamma)
+    np.testing.assert_array_equal(dbeta2, dbeta)
+
+
+def _dx_outs():
+    """``(name, make(x, dy) -> (dy, out))``: backward outputs the quick check refuses."""
+    return [
+        ("x", lambda x, dy: (dy, x)),
+        ("a view of dy", lambda x, dy: (dy, dy.reshape(-1).reshape(dy.shape))),
+        ("dy a view of out", lambda x, dy: _dy_inside(dy)),
+        ("out overlapping dy", lambda x, dy: _shifted(dy)),
+        ("another dtype", lambda x, dy: (dy, np.empty(dy.shape, np.float64))),
+        ("not C-contiguous", lambda x, dy: (dy, np.empty(dy.shape[::-1], dy.dtype).T)),
+        ("read-only", lambda x, dy: (dy, _read_only(np.empty_like(dy)))),
+        ("a view of another buffer", lambda x, dy: (dy, _view_of_copy(np.empty_like(dy)))),
+    ]
+
+
+def _dy_inside(dy):
+    out = dy.copy()
+    return out[:], out
+
+
+def _shifted(dy):
+    big = np.concatenate([dy, dy[:1]])
+    return big[:-1], big[1:]
+
+
+def _read_only(a):
+    a.flags.writeable = False
+    return a
+
+
+@pytest.mark.parametrize("name, make", _dx_outs(), ids=[n for n, _ in _dx_outs()])
+def test_a_dx_out_the_quick_check_refuses_goes_through_the_checked_path(name, make):
+    """Each such ``out`` gets the checked path's answer: its error (nothing written to
+    ``out``), or the allocating call's bits when it is a legal ``out`` (another buffer's
+    view, a transposed array, or ``dy``'s memory exactly)."""
+    legal = ("a view of another buffer", "a view of dy", "dy a view of out", "not C-contiguous")
+    x, dy, params = _arrays((16, 8), np.float32, seed=4)
+    _, cache = _forward(x, params, True, None, None)
+    dx_ref, dgamma_ref, _ = fastbn.batch_norm_backward(dy.copy(), cache)
+    dy, out = make(x, dy)
+    assert not _checks.plain_dx_out(out, dy, x)
+    before = out.copy()
+    try:
+        dx, dgamma, _ = fastbn.batch_norm_backward(dy, cache, out=out)
+    except (TypeError, ValueError) as error:
+        assert "out" in str(error)
+        assert name not in legal
+        np.testing.assert_array_equal(out, before)
+        return
+    assert name in legal
+    assert dx is out
+    np.testing.assert_array_equal(dx, dx_ref)
+    np.testing.assert_array_equal(dgamma, dgamma_ref)
+
+
+def test_an_x_inside_dx_out_goes_through_the_checked_path():
+    """The forward ``x`` a view of the backward's ``out``: refused by the quick check
+    (``x`` does not own its memory); the checked path raises and writes nothing."""
+    out = np.random.default_rng(6).standard_normal((12, 5))
+    x = out[:]
+    dy = np.ones_like(out)
+    _, cache = fastbn.batch_norm(x)
+    assert not _checks.plain_dx_out(out, dy, x)
+    before = out.copy()
+    with pytest.raises(ValueError, match="out overlaps x"):
+        fastbn.batch_norm_backward(dy, cache, out=out)
+    np.testing.assert_array_equal(out, before)
