@@ -17,6 +17,13 @@ _TASK_ELEMENTS = 1 << 16
 # Row chunks wider than this are split into column chunks (rows family).
 _MAX_SPLIT_WIDTH = 4096
 _SPLIT_WIDTH = 1024
+# ... and so are rows wider than _SPLIT_WIDTH of inputs below this many bytes, which sit
+# in cache: a sweep of such rows keeps three float64 rows of the chunk's width (shift
+# and two sums) as accumulators, 96 KiB for 4096 columns, past L1 (48 KiB), and
+# stalls on them. Moments pass, serial, float32: (64, 4096) 78 -> 41 us, (32, 4096)
+# 36 -> 25 us, (128, 2048) 55 -> 44 us. From memory the chunks' rows lie on more pages
+# (prefetch and TLB) and the split measured even or worse: (4096, 4096) 3.37 -> 3.67 ms.
+_SPLIT_BELOW_BYTES = 16 << 20
 # Row blocks each have a row of float64 partial sums per channel; fresh multi-MiB
 # partial buffers page-fault on every call, so blocks grow until there are at most
 # _MAX_BLOCKS of them and a buffer holds at most _MAX_PARTIALS values (README,
@@ -82,7 +89,9 @@ class Plan:
         short = SHORT_PLANE_BYTES <= inner * itemsize < LONG_PLANE_BYTES
         self.fused = inner > 1 and outer * inner * itemsize <= FUSE_BYTES and not (small and short)
         if inner == 1:
-            split_width = C if C <= _MAX_SPLIT_WIDTH else _SPLIT_WIDTH
+            cached = outer * C * itemsize < _SPLIT_BELOW_BYTES
+            wide = C > _MAX_SPLIT_WIDTH or (cached and C > _SPLIT_WIDTH)
+            split_width = _SPLIT_WIDTH if wide else C
             nsplit = -(-C // split_width) if C else 0
             max_blocks = max(1, min(_MAX_BLOCKS, _MAX_PARTIALS // max(C, 1)))
             block_len = max(4, _TASK_ELEMENTS // max(split_width, 1), -(-outer // max_blocks))

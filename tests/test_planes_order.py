@@ -89,3 +89,47 @@ def test_two_pass_short_planes_give_the_fused_paths_bits(
     assert not plan_a.fused and plan_b.fused
     for a, b in zip(two_pass, fused):
         assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize(
+    "outer, C, itemsize, width",
+    [
+        (64, 4096, 4, 1024),  # 1 MiB, in cache: accumulators of 1024 columns
+        (128, 2048, 8, 1024),
+        (16, 1024, 4, 1024),  # not wider than a chunk
+        (300, 1000, 4, 1000),
+        (4096, 4096, 4, 4096),  # 64 MiB, from memory: whole rows of up to 4096
+        (1024, 16384, 4, 1024),  # wider than 4096: split at any size
+    ],
+)
+def test_rows_reductions_split_wide_rows_that_sit_in_cache(outer, C, itemsize, width):
+    """The rows family's column chunks (``_plan``'s split), and the reduction tasks cover
+    every (row, column) once."""
+    plan = _plan.Plan(outer, C, 1, itemsize)
+    ints = plan.ints
+    assert ints[layout.SPLIT_WIDTH] == width
+    assert ints[layout.NSPLIT] == -(-C // width)
+    covered = np.zeros((outer, C), np.int64)
+    for t in range(ints[layout.NTASKS]):
+        b, k = divmod(t, ints[layout.NSPLIT])
+        rows = slice(b * ints[layout.BLOCK_LEN], min(outer, (b + 1) * ints[layout.BLOCK_LEN]))
+        covered[rows, k * width : min(C, (k + 1) * width)] += 1
+    assert (covered == 1).all()
+    assert plan.counts.sum() == outer
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_split_wide_rows_match_the_reference(dtype):
+    """(48, 3000): split into three column chunks (one partial), against the float64
+    reference, forward and backward."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((48, 3000)) * 2 + 3).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    assert _plan.Plan(48, 3000, 1, x.itemsize).ints[layout.NSPLIT] == 3
+    y, cache = fastbn.batch_norm(x)
+    dx, _, _ = fastbn.batch_norm_backward(dy, cache)
+    y_ref, cache_ref = fastbn.reference.batch_norm(x.astype(np.float64), None, None)
+    dx_ref, _, _ = fastbn.reference.batch_norm_backward(dy.astype(np.float64), cache_ref)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(dx, dx_ref, rtol=tol, atol=tol)

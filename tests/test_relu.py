@@ -415,7 +415,7 @@ def test_cached_coefficients_are_the_rebuilt_ones(layout, dtype, training, quick
     plan = cache.plan
     scale = cache.stats[3] * (plan.ones if cache.gamma is None else cache.gamma)
     mean, beta_used = cache.stats[0], plan.zeros if cache.beta is None else cache.beta
-    rebuilt = coefficients.working(plan.ones, mean, scale, beta_used, scale, mean, 1.0, False)
+    rebuilt, _ = coefficients.working(plan.ones, mean, scale, beta_used, scale, mean, 1.0, False)
     # every row, per channel; the rows family's streamed lines also read the coefficient
     # rows past C (the periodic extension), the planes family never does
     assert kept[:, :C].tobytes() == rebuilt[:, :C].tobytes()
@@ -427,3 +427,32 @@ def test_cached_coefficients_are_the_rebuilt_ones(layout, dtype, training, quick
     want = fastbn.batch_norm_backward(dy, cache)
     for g, w in zip(got, want):
         assert g.tobytes() == w.tobytes()
+
+
+@pytest.mark.parametrize("big", [None, "mean", "scale", "offset", "dy_mean"])
+def test_working_reports_the_channels_it_flags(big):
+    """``coefficients.working`` returns ``clamped`` True exactly when some channel's
+    ``W_CLAMPED`` flag is set (a float32 coefficient beyond 3.4e38; the elementwise pass
+    is then redone in float64), as a sweep of the flags (``any_clamped``) finds."""
+    from fastbn._kernels import coefficients
+    from fastbn._kernels.layout import W_CLAMPED
+
+    rng = np.random.default_rng(3)
+    C = 37
+    m, p, q, g = (rng.standard_normal(C) for _ in range(4))
+    dsum = rng.standard_normal(C)
+    channel = 11
+    if big == "mean":
+        m[channel] = 1e39
+    elif big == "scale":
+        p[channel] = -5e38
+    elif big == "offset":
+        q[channel] = 4e38
+    elif big == "dy_mean":
+        dsum[channel] = 1e40
+    work, clamped = coefficients.working(np.ones(1, np.float32), m, p, q, g, dsum, 8.0, True)
+    flagged = np.flatnonzero(work[W_CLAMPED, :C])
+    assert clamped == coefficients.any_clamped(work, C) == (big is not None)
+    assert list(flagged) == ([] if big is None else [channel])
+    work64, clamped64 = coefficients.working(np.ones(1), m, p, q, g, dsum, 8.0, True)
+    assert not clamped64 and not work64[W_CLAMPED, :C].any()  # float64 storage holds them

@@ -54,10 +54,10 @@ def _affine(plan, x, dy, out, m, p, q, g, dsum, n, with_dy, stream_bytes, fwork,
     work)``: True when they do not fit the storage dtype (``out`` must then be redone in
     float64), and the coefficients as the pass read them (``coefficients.working``)."""
     stream = out.size * out.itemsize >= stream_bytes
-    work = working(out, m, p, q, g, dsum, n, with_dy)
+    work, clamped = working(out, m, p, q, g, dsum, n, with_dy)
     w = (work[W_MEAN], work[W_SCALE], work[W_OFFSET], work[W_DY_SCALE], work[W_DY_MEAN])
     affine_pass(plan, x, dy, out, w[0], w[1], w[2], w[3], w[4], with_dy, stream, fwork, relu)
-    return any_clamped(work, m.shape[0]), work
+    return clamped, work
 
 
 affine_op = _register(_affine)
