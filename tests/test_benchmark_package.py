@@ -266,6 +266,24 @@ def test_bars_are_evaluated_from_the_measured_ratios():
     assert bar["value"] == pytest.approx(1.2) and bar["ok"] and not bar["noisy"]  # load expected
 
 
+def test_fusion_and_busy_bars_only_for_their_cases():
+    """The fusion bars are issue 13's, for the large cases (``FUSION_CASES``), and the busy
+    bar is for ``BUSY_CASES``: a run of other cases (``--cases``) gets their figures in its
+    tables but no verdict."""
+    ms = {"fastbn_out": 1.0, "relu_out": 1.05, "relu": 1.0, "unfused": 1.7}
+    big = _result("65536x256", "forward_backward", ms)
+    small = _result("64x256", "forward_backward", ms)
+    got = {(b["case"], b["metric"]): (b["value"], b["ok"]) for b in
+           report.evaluate_bars([], fusion=[big, small])}  # fmt: skip
+    assert got == {
+        ("65536x256", "relu_out/fastbn_out"): (pytest.approx(1.05), True),
+        ("65536x256", "unfused/relu"): (pytest.approx(1.7), True),
+    }
+    quiet = {"noisy": False, "kinds": [], "reasons": []}
+    other = BusyResult("64x256", "float32", "forward_backward", 2, 2, 5.0, 9.0, 5.0, 9.0, quiet)
+    assert report.evaluate_bars([], busy=[other]) == []
+
+
 # -- busy load ------------------------------------------------------------------------------------
 
 
@@ -312,7 +330,9 @@ def test_small_case_reports_copyto_apart_from_the_implementations():
 
 def test_bench_fusion_table_and_json(tmp_path, capsys, monkeypatch):
     """With activation= available (stubbed by composition until it lands), the command
-    adds a fusion table and a ``fusion`` list to the JSON; the fusion bars are judged."""
+    adds a fusion table and a ``fusion`` list to the JSON; the fusion bars, which are the
+    large cases', are not judged on a small case (``test_fusion_and_busy_bars_only_for_their_cases``
+    checks the judging)."""
     if not runners.fusion_available():
         _stub_fused(monkeypatch)
     out = tmp_path / "fusion.json"
@@ -324,5 +344,5 @@ def test_bench_fusion_table_and_json(tmp_path, capsys, monkeypatch):
     (row,) = report_["fusion"]
     assert set(row["ms"]) == {"fastbn_out", "relu", "relu_out", "unfused"}
     metrics = {b["metric"] for b in report_["bars"] if b["case"] == "64x256"}
-    assert {"relu_out/fastbn_out", "unfused/relu"} <= metrics
+    assert not {"relu_out/fastbn_out", "unfused/relu"} & metrics
     assert [r["op"] for r in report_["results"]] == ["forward_backward"]

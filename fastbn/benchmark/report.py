@@ -9,7 +9,16 @@ import numba
 import numpy as np
 
 from .. import threading_layer_name
-from .cases import BARS, BUSY_BAR, BY_NAME, FUSION_BARS, IMPLS, torch_or_none
+from .cases import (
+    BARS,
+    BUSY_BAR,
+    BUSY_CASES,
+    BY_NAME,
+    FUSION_BARS,
+    FUSION_CASES,
+    IMPLS,
+    torch_or_none,
+)
 from .runners import FUSION_IMPLS
 
 
@@ -183,13 +192,13 @@ def evaluate_bars(results, busy=(), fusion=()):
         if value is not None:
             ok = value >= bar.limit if bar.at_least else value <= bar.limit
             rows.append(_bar_row(bar.case, bar.dtype, bar.op, bar.metric, bar.limit, value, ok, r))
-    for r in busy:
-        if r.op == "forward_backward" and r.dtype == "float32":
+    for r in busy:  # the bar of the busy cases (others may be run, and get no verdict)
+        if r.op == "forward_backward" and r.dtype == "float32" and r.case in BUSY_CASES:
             value = r.ms_n / r.ms_1
             ok = value <= BUSY_BAR
             rows.append(_bar_row(r.case, r.dtype, r.op, "N/1", BUSY_BAR, value, ok, r, ("load",)))
-    for r in fusion:
-        if r.op != "forward_backward":
+    for r in fusion:  # the fusion bars are the large cases' (FUSION_CASES)
+        if r.op != "forward_backward" or r.case not in FUSION_CASES:
             continue
         for key, limit in FUSION_BARS.items():
             num, den = key.split("/")
