@@ -50,6 +50,20 @@ class BatchNormCache:
         self.count = None
         self.activation, self.beta, self.fwork = activation, beta_copy, fwork
 
+    def refill(self, x, x_flat, gamma, beta, training, fwork):
+        """This cache rewritten for another call of its form (``call_again``'s ``reuse``;
+        ``stats`` the kernels rewrote in place): the input, the snapshots of gamma (and
+        of beta with ReLU), the mode, the coefficients and the sample of x."""
+        self.x, self.x_flat = x, x_flat
+        if gamma is not None:
+            np.copyto(self.gamma, gamma)
+        if self.beta is not None:
+            np.copyto(self.beta, beta)
+        self.training, self.fwork = training, fwork
+        step = self.view.sample_step
+        self.x_sample = step, x_flat[::step].tobytes()  # as _checks.x_sample
+        return self
+
     @property
     def mean(self):
         return self.stats[0]
@@ -335,7 +349,7 @@ def _quick(
 
 def call_again(
     view, x, gamma, beta, running_mean, running_var, momentum, eps, activation, training,
-    out=None,
+    out=None, reuse=None,
 ):  # fmt: skip
     """``batch_norm(x, gamma, beta, training=training, running_mean=..., running_var=...,
     momentum=momentum, eps=eps, axis=view.axis, activation=activation, out=out)`` for a
@@ -345,7 +359,12 @@ def call_again(
     as they are; ``out`` None or an array that ``_checks.plain_out`` accepts for ``x``).
     Skips the checks but, in eval mode, that of ``running_var``'s values: a negative one
     raises ``batch_norm``'s error before anything is written. The layer's path for
-    repeated calls."""
+    repeated calls.
+
+    ``reuse``: None, or a cache that this function returned for an earlier call of the
+    same form (view, gamma, beta, activation) and that nothing else will read (a layer's
+    own, replaced by this call's): it is refilled and returned instead of a new one, its
+    statistics written in place (two allocations and the object's construction less)."""
     if not training:
         _checks.check_running_var(running_var)
     plan = view.plan
@@ -354,22 +373,27 @@ def call_again(
     relu = activation is not None
     kernel_gamma = plan.ones if gamma is None else gamma
     kernel_beta = plan.zeros if beta is None else beta
-    stats = np.empty((4, plan.C))
+    stats = np.empty((4, plan.C)) if reuse is None else reuse.stats
     # float(): one compiled signature whatever number type the layer's attributes hold
     normalize = (plan, x_flat, y_flat, kernel_gamma, kernel_beta, float(eps), stats)
+    finite = True
     if training:
         running = (running_mean, running_var, float(momentum), True, True, 1.0, plan.count)
         finite, fwork = _launch.train(*normalize, False, running, relu)
-        if not finite:
-            _warn_overflow(stats[2])
     else:
         stats[0], stats[2] = running_mean, running_var
         fwork = _launch.evaluate(*normalize, relu)
-    gamma_copy = None if gamma is None else gamma.copy()
-    beta_copy = beta.copy() if relu and beta is not None else None
-    cache = BatchNormCache(
-        x, x_flat, view, gamma_copy, gamma, beta, stats, training, activation, beta_copy, fwork
-    )
+    if reuse is None:
+        gamma_copy = None if gamma is None else gamma.copy()
+        beta_copy = beta.copy() if relu and beta is not None else None
+        cache = BatchNormCache(
+            x, x_flat, view, gamma_copy, gamma, beta, stats, training, activation, beta_copy,
+            fwork,
+        )  # fmt: skip
+    else:
+        cache = reuse.refill(x, x_flat, gamma, beta, training, fwork)
+    if not finite:  # warned once the cache is whole (a warning may be an error)
+        _warn_overflow(stats[2])
     return y, cache
 
 

@@ -95,6 +95,7 @@ class BatchNorm:
             self.running_var = None
         self.num_batches_tracked = 0
         self._cache = None
+        self._own_cache = None  # the cache call_again made, which it may refill
         self._collected = None  # the moments seen inside collect_stats()
         self._prepared = None  # what the last call of the common forms validated (_repeats)
 
@@ -115,13 +116,25 @@ class BatchNorm:
             momentum = self.momentum
             if momentum is None:
                 momentum = 1.0 / (self.num_batches_tracked + 1)
-            y, self._cache = call_again(
-                self._prepared[2], x, self.gamma, self.beta, self.running_mean,
-                self.running_var, momentum, self.eps, self.activation, self.training, out,
-            )  # fmt: skip
+            # a training call refills the cache of this path's last call (only the layer
+            # refers to it); not an eval call, whose check of running_var may raise first
+            # and must leave the cache as it was
+            own = self._cache if self.training and self._cache is self._own_cache else None
+            try:
+                y, cache = call_again(
+                    self._prepared[2], x, self.gamma, self.beta, self.running_mean,
+                    self.running_var, momentum, self.eps, self.activation, self.training,
+                    out, own,
+                )  # fmt: skip
+            except BaseException:  # (a MemoryError, an interrupt): own may be half rewritten
+                if own is not None:
+                    self._cache = self._own_cache = None
+                raise
+            self._cache = self._own_cache = cache
             if self.training:
                 self.num_batches_tracked += 1
             return y
+        self._own_cache = None
         self._check_channels(x)
         if self._collected is not None:
             return self._collect_forward(x, out)

@@ -283,3 +283,53 @@ def test_an_out_with_running_stats_that_are_views_takes_the_checked_path():
         assert bn._repeats(x) and not bn._repeats(x, out)
         np.testing.assert_array_equal(out, plain.forward(x))
     np.testing.assert_array_equal(bn.running_var, plain.running_var)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_repeated_training_calls_refill_one_cache_with_the_checked_paths_bits(dtype, activation):
+    """From the third training call of a form on, the layer refills its last cache (the
+    statistics in place, gamma's and beta's snapshots, x): the same object, and the bits of
+    the checked path, with gamma and beta changed in place between forward and backward
+    (backward uses the forward's snapshot, as a fresh cache would)."""
+    rng = np.random.default_rng(11)
+    shape = (40, 7)
+    bn = fastbn.BatchNorm(shape[1], dtype=dtype, activation=activation)
+    oracle = Oracle(bn)
+    caches = []
+    for _ in range(5):
+        x, dy = _rng_arrays(rng, shape, dtype)
+        np.testing.assert_array_equal(bn.forward(x), oracle.forward(x))
+        caches.append(bn._cache)
+        bn.gamma *= 1.5  # before backward: the snapshot of the forward's gamma counts
+        bn.beta += 0.25
+        dx = bn.backward(dy)
+        dx_ref, dgamma_ref, dbeta_ref = oracle.backward(dy)
+        np.testing.assert_array_equal(dx, dx_ref)
+        np.testing.assert_array_equal(bn.dgamma, dgamma_ref)
+        np.testing.assert_array_equal(bn.dbeta, dbeta_ref)
+        np.testing.assert_array_equal(bn.running_var, oracle.rv)
+    assert caches[0] is not caches[1]  # checked path, then the quick path's first cache
+    assert caches[1] is caches[2] is caches[3] is caches[4]  # refilled from then on
+
+
+def test_a_training_call_interrupted_while_refilling_drops_the_cache(monkeypatch):
+    """An exception inside a refilling call (an interrupt, memory) may leave the cache half
+    rewritten: the layer drops it, so a backward raises instead of using it."""
+    rng = np.random.default_rng(12)
+    x, dy = _rng_arrays(rng, (16, 5), np.float64)
+    bn = fastbn.BatchNorm(5, dtype=np.float64)
+    for _ in range(3):
+        bn.forward(x)
+    assert bn._cache is bn._own_cache
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastbn.functional._launch, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bn.forward(x)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="before forward"):
+        bn.backward(dy)
+    np.testing.assert_array_equal(bn.forward(x), fastbn.BatchNorm(5, dtype=np.float64).forward(x))
