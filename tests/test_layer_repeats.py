@@ -46,6 +46,18 @@ class Oracle:
         return fastbn.batch_norm_backward(_view_of_copy(dy), self.cache)
 
 
+def _assert_backward_and_state_match(bn, oracle, dy):
+    """``bn.backward(dy)`` and the layer's state give the oracle's bits."""
+    dx = bn.backward(dy)
+    dx_ref, dgamma_ref, dbeta_ref = oracle.backward(dy)
+    np.testing.assert_array_equal(dx, dx_ref)
+    np.testing.assert_array_equal(bn.dgamma, dgamma_ref)
+    np.testing.assert_array_equal(bn.dbeta, dbeta_ref)
+    np.testing.assert_array_equal(bn.running_mean, oracle.rm)
+    np.testing.assert_array_equal(bn.running_var, oracle.rv)
+    assert bn.num_batches_tracked == oracle.count
+
+
 def _rng_arrays(rng, shape, dtype):
     x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
     return x, rng.standard_normal(shape).astype(dtype)
@@ -70,14 +82,7 @@ def test_repeated_calls_in_both_modes_give_the_checked_paths_bits(
         np.testing.assert_array_equal(y, oracle.forward(x))
         if bn.training:  # the quick path was taken from the second call of a form on
             assert bn._repeats(x)
-        dx = bn.backward(dy)
-        dx_ref, dgamma_ref, dbeta_ref = oracle.backward(dy)
-        np.testing.assert_array_equal(dx, dx_ref)
-        np.testing.assert_array_equal(bn.dgamma, dgamma_ref)
-        np.testing.assert_array_equal(bn.dbeta, dbeta_ref)
-        np.testing.assert_array_equal(bn.running_mean, oracle.rm)
-        np.testing.assert_array_equal(bn.running_var, oracle.rv)
-        assert bn.num_batches_tracked == oracle.count
+        _assert_backward_and_state_match(bn, oracle, dy)
         bn.gamma -= 0.01 * bn.dgamma  # an optimizer's in-place update between steps
         bn.beta -= 0.01 * bn.dbeta
     x, _ = _rng_arrays(rng, shape, dtype)
@@ -195,17 +200,23 @@ def test_read_only_running_stats_in_training_take_the_checked_path():
     assert bn.num_batches_tracked == 1
 
 
-def test_the_quick_layer_path_is_what_the_layer_runs(monkeypatch):
-    """Guard for the tests above: the second call of a form goes through
-    ``functional.call_again`` (training, then eval), not through ``batch_norm``."""
-    calls = []
+def _spy_on_call_again(monkeypatch, index):
+    """The list of argument ``index`` of each ``call_again`` the layer makes from now on."""
+    seen = []
     original = functional.call_again
 
     def spy(*args):
-        calls.append(args[9])  # training
+        seen.append(args[index])
         return original(*args)
 
     monkeypatch.setattr(fastbn.layer, "call_again", spy)
+    return seen
+
+
+def test_the_quick_layer_path_is_what_the_layer_runs(monkeypatch):
+    """Guard for the tests above: the second call of a form goes through
+    ``functional.call_again`` (training, then eval), not through ``batch_norm``."""
+    calls = _spy_on_call_again(monkeypatch, 9)  # training
     x = np.random.default_rng(0).standard_normal((10, 3))
     bn = fastbn.BatchNorm(3, dtype=np.float64)
     bn.forward(x)
@@ -222,14 +233,7 @@ def test_repeated_calls_with_out_give_the_checked_paths_bits(monkeypatch, dtype,
     """``forward(x, out=y)`` and ``backward(dy, out=dx)`` on preallocated arrays: the
     quick layer path (``call_again`` is given ``out``) writes them with the bits of the
     checked path, over training and eval steps."""
-    outs = []
-    original = functional.call_again
-
-    def spy(*args):
-        outs.append(args[10])  # out
-        return original(*args)
-
-    monkeypatch.setattr(fastbn.layer, "call_again", spy)
+    outs = _spy_on_call_again(monkeypatch, 10)  # out
     rng = np.random.default_rng(7)
     shape = (24, 6, 2, 3)
     bn = fastbn.BatchNorm(shape[1], dtype=dtype, activation=activation)
@@ -303,12 +307,7 @@ def test_repeated_training_calls_refill_one_cache_with_the_checked_paths_bits(dt
         caches.append(bn._cache)
         bn.gamma *= 1.5  # before backward: the snapshot of the forward's gamma counts
         bn.beta += 0.25
-        dx = bn.backward(dy)
-        dx_ref, dgamma_ref, dbeta_ref = oracle.backward(dy)
-        np.testing.assert_array_equal(dx, dx_ref)
-        np.testing.assert_array_equal(bn.dgamma, dgamma_ref)
-        np.testing.assert_array_equal(bn.dbeta, dbeta_ref)
-        np.testing.assert_array_equal(bn.running_var, oracle.rv)
+        _assert_backward_and_state_match(bn, oracle, dy)
     assert caches[0] is not caches[1]  # checked path, then the quick path's first cache
     assert caches[1] is caches[2] is caches[3] is caches[4]  # refilled from then on
 
