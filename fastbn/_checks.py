@@ -344,11 +344,8 @@ def plain_dx_out(out, dy, x):
     while ``dy`` owns its own, is not ``x``, and ``x`` owns its buffer too; then ``out``
     overlaps neither ``dy`` (unless it is ``dy``, which an elementwise update allows)
     nor ``x``."""
-    if out is not dy and not (plain_out(out, dy) and owns_memory(dy)):
-        return False
-    if out is dy and not (dy.flags.writeable and owns_memory(dy)):
-        return False
-    return out is not x and owns_memory(x)
+    plain = dy.flags.writeable if out is dy else plain_out(out, dy)
+    return plain and out is not x and owns_memory(dy) and owns_memory(x)
 
 
 def check_stats(stats, C, training):

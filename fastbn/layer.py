@@ -10,7 +10,6 @@ import operator
 import numpy as np
 
 from . import _activation, _checks
-from ._memory import Lease
 from .functional import batch_norm, batch_norm_backward, call_again
 from .moments import Moments, moments
 
@@ -202,7 +201,7 @@ class BatchNorm:
         shape, dtype, view, direct, state, owners = prepared
         if x.shape != shape or x.dtype is not dtype or not x.flags.c_contiguous:
             return False
-        if x.base is not None and type(x.base) is not Lease:
+        if not _checks.owns_memory(x):
             return False  # a view: it might overlap the running statistics
         if out is not None and not (owners and _checks.plain_out(out, x)):
             return False
