@@ -15,6 +15,11 @@ from .moments import Moments, moments
 
 __all__ = ["BatchNorm"]
 
+# Forms (mode, shape of x) whose validation a layer remembers (``_prepare``): a training
+# loop alternates its batches with evaluation passes over other shapes (a validation
+# set, a last partial batch); with one form remembered, every switch took the checked path.
+_MAX_FORMS = 4
+
 
 class BatchNorm:
     """Batch normalization over channel ``axis`` of inputs with ``num_features`` channels.
@@ -96,7 +101,7 @@ class BatchNorm:
         self._cache = None
         self._own_cache = None  # the cache call_again made, which it may refill
         self._collected = None  # the moments seen inside collect_stats()
-        self._prepared = None  # what the last call of the common forms validated (_repeats)
+        self._prepared = {}  # (training, x.shape) -> what a call of that form validated
 
     # -- mode -------------------------------------------------------------------
     def train(self, mode=True):
@@ -111,17 +116,20 @@ class BatchNorm:
     # -- compute ----------------------------------------------------------------
     def forward(self, x, *, out=None):
         """Normalize ``x`` (shape ``(N, C, ...)`` or channels-last per ``axis``) -> ``y``."""
-        if self._repeats(x, out):
+        view = self._repeats(x, out)
+        if view is not None:
             momentum = self.momentum
             if momentum is None:
                 momentum = 1.0 / (self.num_batches_tracked + 1)
-            # a training call refills the cache of this path's last call (only the layer
-            # refers to it); not an eval call, whose check of running_var may raise first
-            # and must leave the cache as it was
-            own = self._cache if self.training and self._cache is self._own_cache else None
+            # a training call refills the cache of this path's last call of the same form
+            # (only the layer refers to it); not an eval call, whose check of running_var
+            # may raise first and must leave the cache as it was
+            own = self._cache
+            if own is None or not (self.training and own is self._own_cache and own.view is view):
+                own = None
             try:
                 y, cache = call_again(
-                    self._prepared[2], x, self.gamma, self.beta, self.running_mean,
+                    view, x, self.gamma, self.beta, self.running_mean,
                     self.running_var, momentum, self.eps, self.activation, self.training,
                     out, own,
                 )  # fmt: skip
@@ -175,7 +183,8 @@ class BatchNorm:
         or eval): remember what it validated, so that the next call of the same form
         (same shape, dtype and mode, this layer's own arrays) can skip the checks
         (``_repeats``). Whether ``out`` was given does not matter: ``_repeats`` checks
-        each call's ``out``."""
+        each call's ``out``. Up to ``_MAX_FORMS`` forms are remembered (then all are
+        forgotten and relearned)."""
         direct = (self.gamma, self.beta, self.running_mean, self.running_var)
         dtype = cache.view.compute
         plain = all(
@@ -186,27 +195,35 @@ class BatchNorm:
         ok = ok and x.dtype is dtype and not cache.view.channels_last
         # an out= that owns its buffer cannot overlap arrays that own theirs
         owners = all(a is None or _checks.owns_memory(a) for a in direct)
-        prepared = (x.shape, dtype, cache.view, direct, self._state(), owners)
-        self._prepared = prepared if ok else None
+        forms, key = self._prepared, (self.training, x.shape)
+        if not ok:
+            forms.pop(key, None)
+            return
+        if key not in forms and len(forms) >= _MAX_FORMS:
+            forms.clear()
+        forms[key] = (dtype, cache.view, direct, self._state(), owners)
 
     def _repeats(self, x, out=None):
-        """Whether ``x``, ``out`` and the layer's state are what ``_prepare`` recorded
-        (then every check of ``batch_norm`` would pass again, except eval mode's check
-        of ``running_var``, which ``call_again`` repeats). ``out`` must be None or an
-        array the kernels write directly that overlaps no other argument
-        (``_checks.plain_out``, and the layer's own arrays owning their buffers)."""
-        prepared = self._prepared
-        if prepared is None or type(x) is not np.ndarray:
-            return False
-        shape, dtype, view, direct, state, owners = prepared
-        if x.shape != shape or x.dtype is not dtype or not x.flags.c_contiguous:
-            return False
+        """The canonical view of ``x`` when ``x``, ``out`` and the layer's state are what
+        ``_prepare`` recorded for this mode and shape (then every check of ``batch_norm``
+        would pass again, except eval mode's check of ``running_var``, which
+        ``call_again`` repeats), else None. ``out`` must be None or an array the kernels
+        write directly that overlaps no other argument (``_checks.plain_out``, and the
+        layer's own arrays owning their buffers)."""
+        if type(x) is not np.ndarray:
+            return None
+        prepared = self._prepared.get((self.training, x.shape))
+        if prepared is None:
+            return None
+        dtype, view, direct, state, owners = prepared
+        if x.dtype is not dtype or not x.flags.c_contiguous:
+            return None
         if not _checks.owns_memory(x):
-            return False  # a view: it might overlap the running statistics
+            return None  # a view: it might overlap the running statistics
         if out is not None and not (owners and _checks.plain_out(out, x)):
-            return False
+            return None
         rm, rv = self.running_mean, self.running_var
-        return (
+        repeats = (
             self.gamma is direct[0]
             and self.beta is direct[1]
             and rm is direct[2]
@@ -216,6 +233,7 @@ class BatchNorm:
             and rm.flags.writeable
             and rv.flags.writeable
         )
+        return view if repeats else None
 
     # -- exact statistics of many batches ----------------------------------------
     @contextlib.contextmanager

@@ -249,8 +249,8 @@ def test_repeated_calls_with_out_give_the_checked_paths_bits(monkeypatch, dtype,
         np.testing.assert_array_equal(dx_out, dx_ref)
         np.testing.assert_array_equal(bn.dgamma, dgamma_ref)
         np.testing.assert_array_equal(bn.running_var, oracle.rv)
-    # steps 1, 3 and 5 repeat their step before's form
-    assert len(outs) == 3 and all(o is y_out for o in outs)
+    # steps 1, 3, 4 and 5 repeat a form seen before (4: training after two eval steps)
+    assert len(outs) == 4 and all(o is y_out for o in outs)
 
 
 @pytest.mark.parametrize("make_out", [lambda x: x, lambda x: x.reshape(x.shape)])
@@ -332,3 +332,41 @@ def test_a_training_call_interrupted_while_refilling_drops_the_cache(monkeypatch
     with pytest.raises(RuntimeError, match="before forward"):
         bn.backward(dy)
     np.testing.assert_array_equal(bn.forward(x), fastbn.BatchNorm(5, dtype=np.float64).forward(x))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_a_loop_alternating_forms_keeps_each_quick_with_the_checked_paths_bits(
+    monkeypatch, dtype, activation
+):
+    """Training batches of two sizes (a last partial batch) between evaluation passes over
+    two other sizes: after each form's first call every call takes the quick path (a spy
+    counts them), a training call refills only a cache of its own shape, and every result
+    and the state are the checked path's bits. A fifth form makes the layer forget the
+    others (``_MAX_FORMS``) and relearn them, with the same results."""
+    assert fastbn.layer._MAX_FORMS == 4
+    quick = _spy_on_call_again(monkeypatch, 9)  # training flag of each quick call
+    rng = np.random.default_rng(21)
+    C = 6
+    bn = fastbn.BatchNorm(C, dtype=dtype, activation=activation)
+    oracle = Oracle(bn)
+    forms = [(True, 32), (True, 32), (True, 32), (True, 7), (False, 100), (False, 33)]
+    for _epoch in range(3):
+        for training, rows in forms:
+            bn.train(training)
+            x, dy = _rng_arrays(rng, (rows, C), dtype)
+            np.testing.assert_array_equal(bn.forward(x), oracle.forward(x))
+            if training:
+                _assert_backward_and_state_match(bn, oracle, dy)
+                assert bn._cache.view.shape == (rows, C)
+    # epoch 0: the 2nd and 3rd (32-row) calls; epochs 1 and 2: all six calls
+    assert len(quick) == 2 + 6 + 6
+    bn.train()
+    x, dy = _rng_arrays(rng, (5, C), dtype)  # a fifth form: the four are forgotten
+    np.testing.assert_array_equal(bn.forward(x), oracle.forward(x))
+    _assert_backward_and_state_match(bn, oracle, dy)
+    assert list(bn._prepared) == [(True, (5, C))]
+    x, dy = _rng_arrays(rng, (32, C), dtype)
+    np.testing.assert_array_equal(bn.forward(x), oracle.forward(x))  # checked again
+    _assert_backward_and_state_match(bn, oracle, dy)
+    assert len(quick) == 14
