@@ -357,16 +357,14 @@ def call_again(
     that form validated (``_quick``'s conditions; gamma, beta and both running arrays of
     ``view``'s dtype, C-contiguous and writable when validated: the kernels read them
     as they are; ``out`` None or an array that ``_checks.plain_out`` accepts for ``x``).
-    Skips the checks but, in eval mode, that of ``running_var``'s values: a negative one
-    raises ``batch_norm``'s error before anything is written. The layer's path for
-    repeated calls.
+    Skips every check: in eval mode the caller checks ``running_var``'s values first
+    (``_checks.check_running_var``: a negative one raises ``batch_norm``'s error before
+    anything is written). The layer's path for repeated calls.
 
     ``reuse``: None, or a cache that this function returned for an earlier call of the
     same form (view, gamma, beta, activation) and that nothing else will read (a layer's
     own, replaced by this call's): it is refilled and returned instead of a new one, its
     statistics written in place (two allocations and the object's construction less)."""
-    if not training:
-        _checks.check_running_var(running_var)
     plan = view.plan
     x_flat = x.ravel()
     y, y_flat = view.empty() if out is None else (out, out.ravel())

@@ -121,11 +121,12 @@ class BatchNorm:
             momentum = self.momentum
             if momentum is None:
                 momentum = 1.0 / (self.num_batches_tracked + 1)
-            # a training call refills the cache of this path's last call of the same form
-            # (only the layer refers to it); not an eval call, whose check of running_var
-            # may raise first and must leave the cache as it was
+            if not self.training:  # the one check that values can fail, before any change
+                _checks.check_running_var(self.running_var)
+            # the call refills the cache of this path's last call of the same view (only
+            # the layer refers to it)
             own = self._cache
-            if own is None or not (self.training and own is self._own_cache and own.view is view):
+            if own is None or not (own is self._own_cache and own.view is view):
                 own = None
             try:
                 y, cache = call_again(

@@ -370,3 +370,32 @@ def test_a_loop_alternating_forms_keeps_each_quick_with_the_checked_paths_bits(
     np.testing.assert_array_equal(bn.forward(x), oracle.forward(x))  # checked again
     _assert_backward_and_state_match(bn, oracle, dy)
     assert len(quick) == 14
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_eval_calls_refill_the_cache_too_and_a_failed_one_keeps_it_whole(activation):
+    """Training and eval calls of one shape share one refilled cache (backward after
+    either gives the checked path's bits); an eval call that raises for a negative
+    running_var leaves that cache as it was: backward still gives the last call's
+    gradients."""
+    rng = np.random.default_rng(23)
+    shape = (20, 6)
+    bn = fastbn.BatchNorm(shape[1], dtype=np.float64, activation=activation)
+    oracle = Oracle(bn)
+    caches = []
+    for step in range(8):
+        bn.train(step % 3 != 2)
+        x, dy = _rng_arrays(rng, shape, np.float64)
+        np.testing.assert_array_equal(bn.forward(x), oracle.forward(x))
+        _assert_backward_and_state_match(bn, oracle, dy)
+        caches.append(bn._cache)
+    assert len({id(c) for c in caches[3:]}) == 1  # both modes' forms are quick by step 3
+    bn.eval()
+    dx_before = bn.backward(dy)
+    saved = bn.running_var.copy()
+    bn.running_var[2] = -0.5
+    with pytest.raises(ValueError, match="running_var must be >= 0"):
+        bn.forward(x)
+    assert bn._cache is caches[-1]
+    np.testing.assert_array_equal(bn.backward(dy), dx_before)
+    bn.running_var[...] = saved
