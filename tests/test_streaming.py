@@ -54,3 +54,19 @@ def test_streamed_into_unaligned_out(shape, offset, stream_everything):
     y, _ = fastbn.batch_norm(x, None, None, out=out)
     np.testing.assert_array_equal(y, y_plain)
     assert not buffer[:offset].any() and not buffer[offset + size :].any()  # nothing outside
+
+
+@pytest.mark.parametrize("llc_mib, expected_mib", [(8, 4), (32, 16), (300, 16)])
+def test_the_streaming_threshold_is_half_the_last_level_cache_up_to_16_mib(
+    monkeypatch, tmp_path, llc_mib, expected_mib
+):
+    """Half the cache that sysfs reports, but never above 16 MiB (a socket's cache, shared:
+    a 2-core VM reported 300 MiB)."""
+    cache = tmp_path / "index3"
+    cache.mkdir()
+    (cache / "size").write_text(f"{llc_mib * 1024}K\n")
+    monkeypatch.setattr(_plan.glob, "glob", lambda pattern: [str(cache / "size")])
+    assert _plan._last_level_cache_bytes() == llc_mib << 20
+    assert _plan.stream_threshold(_plan._last_level_cache_bytes()) == expected_mib << 20
+    monkeypatch.undo()
+    assert _plan.STREAM_BYTES == _plan.stream_threshold(_plan._last_level_cache_bytes())
