@@ -1,5 +1,5 @@
-"""``BatchNorm`` skips the checks on a call of the form its last call validated
-(``BatchNorm._prepare`` / ``_repeats``, ``functional.call_again``).
+"""``BatchNorm`` skips the checks on a call of a form (mode, shape) that an earlier call
+validated (``BatchNorm._prepare`` / ``_repeats``, ``functional.call_again``).
 These tests hold that path to ``fastbn.batch_norm`` through its checked path (arguments
 that are views of larger buffers, which the quick checks refuse): the same bits over
 many steps in both modes, and every change of the layer's state between calls honoured
