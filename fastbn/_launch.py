@@ -43,10 +43,12 @@ def _call(plan, name, fused, relu, args):
 def _param(p, default):
     """A per-channel parameter as kernels read it: the array itself when it has the
     storage dtype (and is contiguous and writable, the types the kernels are compiled
-    for), else a float64 copy (exact); ``default`` when None."""
+    for), else a float64 copy (exact); ``default`` when None. (``==``: an unpickled array's
+    dtype equals the storage dtype without being NumPy's own object for it; a float64 copy
+    of it would compile the kernels again, for float64 parameters.)"""
     if p is None:
         return default
-    if p.dtype is default.dtype:
+    if p.dtype is default.dtype or p.dtype == default.dtype:
         flags = p.flags
         if flags.c_contiguous and flags.writeable:
             return p

@@ -47,6 +47,11 @@ def _check_ndarray(a, name):
 
 _FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
 _FAST_DTYPES = (_FLOAT32, _FLOAT64)
+# NumPy's own dtype object per float type. Arrays unpickled (a saved model, a dataset in a
+# pickle) carry dtype objects equal to np.dtype(np.float32) but not that object; a View
+# (cached per shape and dtype) made from one keeps NumPy's, whose identity the quick
+# paths test.
+_CANONICAL = {d: d for d in (np.dtype(np.float16), _FLOAT32, _FLOAT64)}
 # values of x sampled into a cache, to notice that x changed before backward (``_checks``)
 _X_SAMPLES = 64
 
@@ -80,7 +85,7 @@ class View:
 
     def __init__(self, shape, axis, channels_last, dtype):
         self.shape, self.axis, self.channels_last = shape, axis, channels_last
-        self.dtype = dtype
+        self.dtype = _CANONICAL.get(dtype, dtype)
         self.compute = _COMPUTE[dtype]
         self.C = shape[axis]
         rest = math.prod(shape[:axis]) * math.prod(shape[axis + 1 :])

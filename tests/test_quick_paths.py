@@ -245,3 +245,65 @@ def test_an_x_inside_dx_out_goes_through_the_checked_path():
     with pytest.raises(ValueError, match="out overlaps x"):
         fastbn.batch_norm_backward(dy, cache, out=out)
     np.testing.assert_array_equal(out, before)
+
+
+def _unpickled(*arrays):
+    """Copies through pickle: their dtype objects equal NumPy's without being them."""
+    import pickle
+
+    copies = pickle.loads(pickle.dumps(arrays))
+    assert all(c.dtype == a.dtype and c.dtype is not a.dtype for c, a in zip(copies, arrays))
+    return copies
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unpickled_parameters_are_read_as_they_are_with_the_same_bits(dtype):
+    """gamma, beta and running statistics loaded from a pickle (a saved model, the
+    textbooks' ``load_params``): the kernels read them as they are, not through a
+    float64 copy (which compiled the kernels for float64 parameters again, 1.9 s, and
+    made every call slower), with the bits of the same values in ordinary arrays."""
+    x, dy, (gamma, beta, rm, rv) = _arrays((30, 12), dtype, seed=4)
+    loaded = _unpickled(gamma, beta, rm, rv)
+    plan = fastbn._plan.plan_for(30, 12, 1, np.dtype(dtype).itemsize)
+    kernel_gamma, kernel_beta = fastbn._launch.params(plan, loaded[0], loaded[1])
+    assert kernel_gamma is loaded[0] and kernel_beta is loaded[1]
+    for training in (True, False):
+        y, cache = fastbn.batch_norm(
+            x, gamma, beta, training=training, running_mean=rm, running_var=rv
+        )
+        y2, cache2 = fastbn.batch_norm(
+            x, loaded[0], loaded[1], training=training, running_mean=loaded[2],
+            running_var=loaded[3],
+        )  # fmt: skip
+        np.testing.assert_array_equal(y2, y)
+        np.testing.assert_array_equal(loaded[2], rm)
+        np.testing.assert_array_equal(loaded[3], rv)
+        for got, want in zip(
+            fastbn.batch_norm_backward(dy, cache2), fastbn.batch_norm_backward(dy, cache)
+        ):
+            np.testing.assert_array_equal(got, want)
+            assert got.dtype == np.dtype(dtype)
+
+
+def test_a_first_call_on_an_unpickled_x_keeps_numpys_dtype_in_the_shapes_view(monkeypatch):
+    """The View cached for a shape and dtype holds NumPy's dtype object even when an
+    unpickled x created it, so the next backward of that shape with an ordinary dy still
+    takes the quick path (it compares dtypes by identity)."""
+    shape = (17, 13)  # a shape no other test uses: its View is made here
+    x, dy, params = _arrays(shape, np.float32, seed=5)
+    (x_loaded,) = _unpickled(x)
+    y, cache = fastbn.batch_norm(x_loaded, *params[:2])
+    assert cache.view.dtype is np.dtype(np.float32)
+    quick = []
+    original = functional._backward_quick
+
+    def spy(*args):
+        result = original(*args)
+        quick.append(result is not None)
+        return result
+
+    monkeypatch.setattr(functional, "_backward_quick", spy)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, cache)
+    assert quick == [True]
+    want = fastbn.batch_norm_backward(dy, fastbn.batch_norm(x, *params[:2])[1])
+    np.testing.assert_array_equal(dx, want[0])
