@@ -208,9 +208,9 @@ class BatchNorm:
         """The canonical view of ``x`` when ``x``, ``out`` and the layer's state are what
         ``_prepare`` recorded for this mode and shape (then every check of ``batch_norm``
         would pass again, except eval mode's check of ``running_var``, which ``forward``
-        repeats), else None. ``out`` must be None or an array the kernels
-        write directly that overlaps no other argument (``_checks.plain_out``, and the
-        layer's own arrays owning their buffers)."""
+        repeats), else None. ``out`` must be None or an array the kernels write directly
+        that overlaps no other argument (``_checks.plain_out``, and the layer's own arrays
+        owning their buffers)."""
         if type(x) is not np.ndarray:
             return None
         prepared = self._prepared.get((self.training, x.shape))

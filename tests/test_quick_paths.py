@@ -6,6 +6,8 @@ The checked path is forced by passing arrays that do not own their memory (views
 larger buffers), which the quick checks refuse; the values are the same.
 """
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -249,8 +251,6 @@ def test_an_x_inside_dx_out_goes_through_the_checked_path():
 
 def _unpickled(*arrays):
     """Copies through pickle: their dtype objects equal NumPy's without being them."""
-    import pickle
-
     copies = pickle.loads(pickle.dumps(arrays))
     assert all(c.dtype == a.dtype and c.dtype is not a.dtype for c, a in zip(copies, arrays))
     return copies
