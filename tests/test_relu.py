@@ -2,8 +2,12 @@
 
 The oracle is fastbn's own unfused batch norm followed by NumPy's ReLU: forward
 ``np.maximum(y_bn, 0)``, backward batch norm's backward of ``dy * (y_bn > 0)``. The fused
-``y`` must equal it bit for bit (NaN payloads and signed zeros included), the gradients
-within 2 ulp; and both are checked against central finite differences in float64.
+``y`` must equal it bit for bit (NaN payloads and signed zeros included). The gradients
+must agree to what a different order of the same float64 sums allows (``sum_error``):
+the fused and the plain gradient sums are separate loops, which LLVM's vectorizer may
+reassociate differently (it did on Zen 4, in the planes family: dbeta 7 ulp apart, both
+as close to an extended-precision oracle). Both are also checked against central finite
+differences in float64.
 """
 
 import zlib
@@ -59,12 +63,61 @@ def ulps(got, want):
     return float(np.max(np.abs(a - b) / spacing, initial=0.0))
 
 
+def sum_error(got, want, axis, terms):
+    """The largest ``|got - want|`` over ``4 eps`` times a scale that any order of the
+    float64 sums behind them rounds within: per channel, ``sum(|terms|)`` for a sum
+    (``got`` of shape (C,)), and the largest ``|want|`` of the channel for ``dx``, whose
+    coefficients come from such sums (``terms`` unused). Equal NaNs count as equal.
+    A wrong mask moves a sum by a whole ``|dy|`` and ``dx`` by a fraction of its scale:
+    thousands of units here."""
+    eps = np.finfo(np.asarray(want).dtype).eps
+    got, want = f64(got), f64(want)
+    assert got.shape == want.shape
+    nan_got, nan_want = np.isnan(got), np.isnan(want)
+    if np.any(nan_got != nan_want):
+        return np.inf
+    if got.ndim == 1:
+        others = tuple(i for i in range(terms.ndim) if i != axis % terms.ndim)
+        scale = np.nansum(np.abs(f64(terms)), axis=others)
+    else:
+        others = tuple(i for i in range(want.ndim) if i != axis % want.ndim)
+        scale = np.nanmax(np.abs(want), axis=others, keepdims=True, initial=0.0)
+    diff = np.where(nan_want, 0.0, np.abs(got - want))
+    unit = 4 * eps * np.maximum(scale, np.finfo(np.float64).tiny)
+    with np.errstate(over="ignore"):
+        return float(np.max(diff / unit, initial=0.0))
+
+
+def _sum_terms(x, axis, masked_dy, running=None):
+    """The terms of ``dbeta`` and of ``dgamma``: ``dy * (y > 0)`` and that times ``xhat``
+    (NumPy, float64; ``running``: eval's ``(running_mean, running_var)``)."""
+    x64 = f64(x)
+    others = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    if running is None:
+        mean = x64.mean(axis=others, keepdims=True)
+        var = ((x64 - mean) ** 2).mean(axis=others, keepdims=True)
+    else:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        mean, var = (f64(a).reshape(shape) for a in running)
+    xhat = (x64 - mean) / np.sqrt(var + 1e-5)
+    return f64(masked_dy), f64(masked_dy) * xhat
+
+
+def assert_gradients_agree(fused, plain, x, axis, masked_dy, running=None):
+    """``(dx, dgamma, dbeta)`` of the fused call against the composition's."""
+    terms_dbeta, terms_dgamma = _sum_terms(x, axis, masked_dy, running)
+    assert sum_error(fused[0], plain[0], axis, None) <= 1  # dx
+    assert sum_error(fused[1], plain[1], axis, terms_dgamma) <= 1
+    assert sum_error(fused[2], plain[2], axis, terms_dbeta) <= 1
+
+
 def assert_fused_equals_composition(x, gamma, beta, axis, training, running, dy, out=False):
     fused = _call(x, gamma, beta, axis, training, running, dy, activation="relu", out=out)
     plain = _call(x, gamma, beta, axis, training, running, dy, activation=None, out=out)
     assert fused[0].tobytes() == plain[0].tobytes()  # y: bit for bit
-    for got, want in zip(fused[1:4], plain[1:4]):
-        assert ulps(got, want) <= 2
+    stats = None if training else running
+    assert_gradients_agree(fused[1:4], plain[1:4], x, axis, dy * (fused[0] > 0), stats)
     for got, want in zip(fused[4:], plain[4:]):  # running statistics: the same update
         if want is not None:
             assert got.tobytes() == want.tobytes()
@@ -139,7 +192,7 @@ def test_streamed_into_unaligned_out(shape, offset, monkeypatch):
     y, cache = fastbn.batch_norm(x, None, None, out=out, activation="relu")
     dx = fastbn.batch_norm_backward(dy, cache, out=dx_out)[0]
     np.testing.assert_array_equal(y, np.maximum(y_bn, 0))
-    assert ulps(dx, want) <= 2
+    assert sum_error(dx, want, 1, None) <= 1
     assert not buffer[:offset].any() and not buffer[x.size + offset : x.size + 32 + offset].any()
 
 
@@ -148,11 +201,11 @@ def test_backward_out_may_be_dy():
     x, dy, gamma, beta, axis = random_case(rng, "NCHW", np.float32)
     y_bn, cache = fastbn.batch_norm(x, gamma, beta, axis=axis)
     want = fastbn.batch_norm_backward(dy * (y_bn > 0), cache)
+    masked_dy = dy * (y_bn > 0)
     _, cache = fastbn.batch_norm(x, gamma, beta, axis=axis, activation="relu")
     got = fastbn.batch_norm_backward(dy, cache, out=dy)
     assert got[0] is dy
-    for g, w in zip(got, want):
-        assert ulps(g, w) <= 2
+    assert_gradients_agree(got, want, x, axis, masked_dy)
 
 
 # -- the mask is the forward's y > 0, exactly -------------------------------------------------
@@ -318,8 +371,8 @@ def test_layer_matches_functional_and_trains():
     y_bn = plain(x)
     assert y.tobytes() == np.maximum(y_bn, 0).tobytes()
     dx, dx_plain = bn.backward(dy), plain.backward(dy * (y_bn > 0))
-    for got, want in ((dx, dx_plain), (bn.dgamma, plain.dgamma), (bn.dbeta, plain.dbeta)):
-        assert ulps(got, want) <= 2
+    fused, composed = (dx, bn.dgamma, bn.dbeta), (dx_plain, plain.dgamma, plain.dbeta)
+    assert_gradients_agree(fused, composed, x, 1, dy * (y_bn > 0))
     for key, value in plain.state_dict().items():
         np.testing.assert_array_equal(bn.state_dict()[key], value)
     bn.eval(), plain.eval()
