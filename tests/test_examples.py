@@ -3,6 +3,8 @@
 The demo's tests need the ``examples`` extra (scikit-learn, matplotlib) and skip without it.
 """
 
+import importlib.util
+import pathlib
 import subprocess
 import sys
 
@@ -140,3 +142,32 @@ def test_demo_rejects_bad_options(capsys):
 
     assert demo.main(["--scales", "0"]) == 2
     assert "--scales" in capsys.readouterr().err
+
+
+def _bench_script(name):
+    """A script of bench/ as a module (bench/ is not a package)."""
+    path = pathlib.Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    if not path.exists():  # tests/ copied without the source tree (tox -e wheel)
+        pytest.skip(f"no bench/{name}.py beside this tests/")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mlp_step_script_trains_each_kind():
+    """bench/mlp_step.py (the README's whole-training figures): each kind trains the same
+    network (fastbn and the reference reach the same accuracy on separable data), the
+    time inside batch norm is part of the whole, and the 1-thread kind leaves the
+    thread count as it was."""
+    script = _bench_script("mlp_step")
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 30)
+    x = np.eye(10)[labels] @ rng.standard_normal((10, 64)) + 0.1 * rng.standard_normal((300, 64))
+    threads = fastbn.get_num_threads()
+    results = {kind: script.run(x, labels, kind) for kind in script.KINDS}
+    assert fastbn.get_num_threads() == threads
+    for seconds, inside, accuracy in results.values():
+        assert 0 < inside < seconds
+        assert accuracy > 0.9
+    assert results["fastbn"][2] == results["reference"][2] == results["fastbn 1 thread"][2]
