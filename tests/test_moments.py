@@ -108,13 +108,20 @@ def test_array_round_trip_and_validation():
         m.mean[0] = 1.0  # read-only
 
 
-def test_nan_channel_stays_nan_and_others_exact():
-    x = np.random.default_rng(4).standard_normal((50, 3))
+@pytest.mark.parametrize("shape", [(50, 3), (50, 3, 7), (40000, 3)])
+def test_nan_channel_stays_nan_and_others_exact(shape):
+    """The other channels get the bits of the same input with a finite value in place of
+    the NaN. (Not those of the input without the channel: with fewer channels the rows
+    loop is another width, which LLVM may vectorize and reassociate differently: on Zen 4
+    with Numba 0.63, channel 0's mean of (50, 3) and of (50, 2) differed in the last bit.)"""
+    x = np.random.default_rng(4).standard_normal(shape)
+    clean = x.copy()
     x[7, 1] = np.nan
     m = fastbn.moments(x)
     assert np.isnan(m.mean[1]) and np.isnan(m.m2[1])
-    clean = fastbn.moments(np.delete(x, 1, axis=1))
-    assert np.array_equal(m.mean[[0, 2]], clean.mean) and np.array_equal(m.m2[[0, 2]], clean.m2)
+    want = fastbn.moments(clean)
+    assert np.array_equal(m.mean[[0, 2]], want.mean[[0, 2]])
+    assert np.array_equal(m.m2[[0, 2]], want.m2[[0, 2]])
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
