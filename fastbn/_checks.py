@@ -41,9 +41,10 @@ def _plain_param(p, C):
 
 
 def _plain_params(C, x, gamma, beta, running_mean, running_var):
-    """True when every parameter passes ``_plain_param`` and ``x`` and the parameters
-    given are distinct objects: then none can overlap another (the quick form of
-    ``channel_param`` and ``check_disjoint``)."""
+    """True when every parameter passes ``_plain_param`` and ``x`` (the owner of the
+    input's memory, ``memory_owner``) and the parameters given are distinct objects: then
+    none can overlap another (the quick form of ``channel_param`` and
+    ``check_disjoint``)."""
     if not (
         _plain_param(gamma, C)
         and _plain_param(beta, C)
@@ -283,9 +284,11 @@ def quick_view(
     """The View of a common call (``training`` True or False, no ``stats``) when every
     check of ``forward_args`` would pass as the arguments are, else None: plain
     C-contiguous float arrays that own their memory (so that none overlaps another),
-    float ``eps`` and ``momentum``, ``out`` None or such an array of x's shape and dtype.
-    In eval mode it raises ``forward_args``'s error for a negative ``running_var`` (its
-    last check, so no other error comes first)."""
+    float ``eps`` and ``momentum``, ``out`` None or such an array of x's shape and dtype;
+    ``x`` may also be a view of an array that owns its memory (a slice of a batch, a
+    reshaped activation) when that array is none of the others. In eval mode it
+    raises ``forward_args``'s error for a negative ``running_var`` (its last check, so
+    no other error comes first)."""
     if type(eps) is not float or type(ddof) is not int or not 0.0 < eps < math.inf:
         return None
     if not 0 <= ddof <= 1 or (out is not None and not plain_out(out, x)):
@@ -293,10 +296,10 @@ def quick_view(
     view = fast_view(x, axis)
     if view is None:
         return None
-    base = x.base
-    if base is not None and type(base) is not _memory.Lease:
+    owner = memory_owner(x)
+    if owner is None or (owner is not x and owner is out):
         return None
-    if not _plain_params(view.C, x, gamma, beta, running_mean, running_var):
+    if not _plain_params(view.C, owner, gamma, beta, running_mean, running_var):
         return None
     if training is True:
         if type(momentum) is float:
@@ -330,6 +333,22 @@ def plain_out(out, x):
     return owns_memory(out)
 
 
+def memory_owner(a):
+    """The array that owns the buffer ``a``'s memory lies in, when that is known: ``a``
+    itself when it owns its buffer (``owns_memory``), its ``base`` when that is a plain
+    ndarray owning its own (NumPy makes a view of a view refer to the owner), else None
+    (memory from another object: a ``bytes``, a ``memoryview``, ``as_strided``). Two
+    arrays whose owners are distinct objects share no memory."""
+    base = a.base
+    if base is None or type(base) is _memory.Lease:
+        return a
+    if type(base) is np.ndarray:
+        root = base.base
+        if root is None or type(root) is _memory.Lease:
+            return base
+    return None
+
+
 def owns_memory(a):
     """True when ``a`` owns its buffer (or holds a recycled output's, ``_memory.Lease``):
     then only ``a`` itself or a view of it can overlap it."""
@@ -340,12 +359,16 @@ def owns_memory(a):
 def plain_dx_out(out, dy, x):
     """The quick form of ``backward_args``' check of ``out`` for a plain ``dy`` (a
     C-contiguous ndarray of the storage dtype and x's shape): True when ``out`` is a
-    writable C-contiguous array like ``dy`` that is ``dy`` itself or owns its buffer
-    while ``dy`` owns its own, is not ``x``, and ``x`` owns its buffer too; then ``out``
-    overlaps neither ``dy`` (unless it is ``dy``, which an elementwise update allows)
-    nor ``x``."""
-    plain = dy.flags.writeable if out is dy else plain_out(out, dy)
-    return plain and out is not x and owns_memory(dy) and owns_memory(x)
+    writable C-contiguous array like ``dy`` that is ``dy`` itself or owns its buffer,
+    and the owners of the memory of ``out``, ``dy`` and ``x`` (``memory_owner``) are
+    known and distinct (``out`` and ``dy`` may be one array); then ``out`` overlaps
+    neither ``dy`` (unless it is ``dy``, which an elementwise update allows) nor ``x``."""
+    dy_owner, x_owner = memory_owner(dy), memory_owner(x)
+    if dy_owner is None or x_owner is None or dy_owner is x_owner:
+        return False
+    if out is dy:
+        return dy.flags.writeable
+    return plain_out(out, dy) and out is not dy_owner and out is not x_owner
 
 
 def check_stats(stats, C, training):

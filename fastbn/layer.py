@@ -194,8 +194,11 @@ class BatchNorm:
         )
         ok = plain and type(x) is np.ndarray and x.flags.c_contiguous
         ok = ok and x.dtype is dtype and not cache.view.channels_last
-        # an out= that owns its buffer cannot overlap arrays that own theirs
-        owners = all(a is None or _checks.owns_memory(a) for a in direct)
+        # the owners of the arrays' memory: an x or an out= whose owner is none of them
+        # cannot overlap them (None: some array's owner is unknown, no quick path then)
+        owners = tuple(_checks.memory_owner(a) for a in direct if a is not None)
+        if not all(o is not None for o in owners):
+            owners = None
         forms, key = self._prepared, (self.training, x.shape)
         if not ok:
             forms.pop(key, None)
@@ -208,9 +211,10 @@ class BatchNorm:
         """The canonical view of ``x`` when ``x``, ``out`` and the layer's state are what
         ``_prepare`` recorded for this mode and shape (then every check of ``batch_norm``
         would pass again, except eval mode's check of ``running_var``, which ``forward``
-        repeats), else None. ``out`` must be None or an array the kernels write directly
-        that overlaps no other argument (``_checks.plain_out``, and the layer's own arrays
-        owning their buffers)."""
+        repeats), else None. ``x`` may be a view; the owner of its memory
+        (``_checks.memory_owner``) must be known and not own the memory of the layer's
+        arrays. ``out`` must be None or an array the kernels write directly
+        (``_checks.plain_out``) that holds neither ``x``'s memory nor the layer's arrays'."""
         if type(x) is not np.ndarray:
             return None
         prepared = self._prepared.get((self.training, x.shape))
@@ -219,10 +223,15 @@ class BatchNorm:
         dtype, view, direct, state, owners = prepared
         if x.dtype is not dtype or not x.flags.c_contiguous:
             return None
-        if not _checks.owns_memory(x):
-            return None  # a view: it might overlap the running statistics
-        if out is not None and not (owners and _checks.plain_out(out, x)):
+        # x (or its owner, for a view) and out must not hold the memory of the layer's arrays
+        x_owner = _checks.memory_owner(x)
+        if x_owner is None or owners is None:
             return None
+        if out is not None and (out is x_owner or not _checks.plain_out(out, x)):
+            return None
+        for owner in owners:
+            if owner is x_owner or owner is out:
+                return None
         rm, rv = self.running_mean, self.running_var
         repeats = (
             self.gamma is direct[0]

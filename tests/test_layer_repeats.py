@@ -271,22 +271,58 @@ def test_a_layer_out_overlapping_x_raises_after_a_prepared_call(make_out):
     assert bn.num_batches_tracked == 1
 
 
-def test_an_out_with_running_stats_that_are_views_takes_the_checked_path():
-    """Running statistics that are views of a larger buffer: an ``out`` inside that
-    buffer would overlap them, so the quick layer path refuses every ``out`` (the checked
-    path then decides); the results are those of a layer with arrays of its own."""
+def test_running_stats_that_are_views_keep_the_quick_path_only_for_other_memory():
+    """Running statistics that are views of a larger buffer: an ``out`` of its own memory
+    cannot overlap them and takes the quick layer path; the buffer itself as ``out``, or
+    as ``x``, holds them and is refused (the checked path raises, changing nothing). The
+    results are those of a layer with arrays of its own."""
     rng = np.random.default_rng(9)
     x, _ = _rng_arrays(rng, (16, 5), np.float32)
     bn, plain = fastbn.BatchNorm(5), fastbn.BatchNorm(5)
-    buffer = np.zeros((3, 5), np.float32)
+    buffer = np.zeros((16, 5), np.float32)
     buffer[1] = 1.0
     bn.running_mean, bn.running_var = buffer[0], buffer[1]
     out = np.empty_like(x)
     for _ in range(2):
         bn.forward(x, out=out)
-        assert bn._repeats(x) and not bn._repeats(x, out)
+        assert bn._repeats(x) and bn._repeats(x, out)
         np.testing.assert_array_equal(out, plain.forward(x))
     np.testing.assert_array_equal(bn.running_var, plain.running_var)
+    assert not bn._repeats(x, buffer) and not bn._repeats(buffer)
+    before = buffer.copy()
+    with pytest.raises(ValueError, match="overlaps"):
+        bn.forward(x, out=buffer)
+    with pytest.raises(ValueError, match="overlaps"):
+        bn.forward(buffer)
+    np.testing.assert_array_equal(buffer, before)
+    assert bn.num_batches_tracked == 2
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_view_of_a_batch_takes_the_quick_layer_path_with_the_same_bits(training):
+    """``x`` a slice of a larger array or a reshaped one (a view of memory that its base
+    owns) repeats the prepared form: the layer's quick path, with the bits of the same
+    values in an array of their own, for the forward, the running statistics and the
+    backward."""
+    rng = np.random.default_rng(12)
+    data = rng.standard_normal((64, 6)).astype(np.float32) * 2 + 3
+    dy = rng.standard_normal((16, 6)).astype(np.float32)
+    bn, own = fastbn.BatchNorm(6), fastbn.BatchNorm(6)
+    for layer in (bn, own):
+        layer.train(training)
+        layer.forward(data[:16].copy())  # prepares the form
+    for start in (16, 32):
+        x_view = data[start : start + 16]
+        x_reshaped = data.reshape(-1)[start * 6 : (start + 16) * 6].reshape(16, 6)
+        for x in (x_view, x_reshaped):
+            assert x.base is not None and bn._repeats(x) is not None
+            y = bn.forward(x)
+            y_own = own.forward(x.copy())
+            np.testing.assert_array_equal(y, y_own)
+            np.testing.assert_array_equal(bn.running_mean, own.running_mean)
+            np.testing.assert_array_equal(bn.running_var, own.running_var)
+            np.testing.assert_array_equal(bn.backward(dy), own.backward(dy))
+            np.testing.assert_array_equal(bn.dgamma, own.dgamma)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -2,8 +2,10 @@
 ``functional._backward_quick``). These tests hold the quick paths to the checked path:
 the same bits for the same values, and the same errors where a quick path still checks.
 
-The checked path is forced by passing arrays that do not own their memory (views of
-larger buffers), which the quick checks refuse; the values are the same.
+The checked path is forced by passing parameters that do not own their memory (views of
+larger buffers), which the quick checks refuse; the values are the same. An ``x`` (or
+``dy``) may be a view: the quick checks need only know the array that owns its memory
+(``_checks.memory_owner``) and that it is none of the arrays written.
 """
 
 import pickle
@@ -89,6 +91,65 @@ def test_quick_and_checked_paths_give_the_same_bits(shape, dtype, training, with
     np.testing.assert_array_equal(dg1, dg2)
     np.testing.assert_array_equal(db1, db2)
     assert dx1.dtype == dtype and dg1.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("with_out", [False, True])
+def test_an_x_that_is_a_view_takes_the_quick_path_with_the_same_bits(dtype, training, with_out):
+    """A slice of a larger batch and a reshaped array (views whose base owns the memory):
+    the quick forward and backward, with the bits of the same values in arrays of their
+    own (the checked path, forced by parameters that are views)."""
+    rng = np.random.default_rng(13)
+    data = (rng.standard_normal((3, 40, 9)) * 3 + 1).astype(dtype)
+    dy_data = rng.standard_normal((2, 40, 9)).astype(dtype)
+    _, _, params = _arrays((40, 9), dtype, seed=13)
+    for x, dy in (
+        (data[1], dy_data[1]),
+        (data.reshape(120, 9)[40:80], dy_data.reshape(-1)[:360].reshape(40, 9)),
+    ):
+        assert x.base is not None and dy.base is not None
+        quick_params = [p.copy() for p in params]
+        checked_params = [_view_of_copy(p) for p in params]
+        args = (x, *quick_params[:2], training, *quick_params[2:], 0.25, 1e-4, 1, 1, None)
+        assert _checks.quick_view(*args) is not None
+        out = np.full(x.shape, 7, dtype) if with_out else None
+        y1, cache1 = _forward(x, quick_params, training, out, None)
+        y2, cache2 = _forward(x.copy(), checked_params, training, None, None)
+        np.testing.assert_array_equal(y1, y2)
+        for a, b in zip(quick_params, checked_params):
+            np.testing.assert_array_equal(a, b)
+        dx_out = np.full(x.shape, 5, dtype) if with_out else None
+        if with_out:
+            assert _checks.plain_dx_out(dx_out, dy, x)
+        assert functional._backward_quick(dy, cache1, dx_out) is not None
+        for got, want in zip(
+            fastbn.batch_norm_backward(dy, cache1, out=dx_out),
+            fastbn.batch_norm_backward(dy.copy(), cache2),
+        ):
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("written", ["running_mean", "running_var", "out"])
+def test_an_x_inside_an_array_written_is_refused_by_the_quick_check(written):
+    """``x`` a view of the memory of a running statistic or of ``out`` (each owning its
+    memory, as the quick check wants): the quick check refuses it, its owner being that
+    array, and the checked path raises, changing nothing."""
+    rng = np.random.default_rng(14)
+    C = 6
+    rm, rv, out = rng.standard_normal(C), rng.uniform(1, 2, C), None
+    if written == "out":
+        holder = out = rng.standard_normal((1, C))
+    else:
+        holder = rm if written == "running_mean" else rv
+    x = holder.reshape(1, C)  # one value per channel: allowed with running_var_ddof=0
+    assert x.base is holder
+    before = holder.copy()
+    args = (x, None, None, True, rm, rv, 0.1, 1e-5, 1, 0, out)
+    assert _checks.quick_view(*args) is None
+    with pytest.raises(ValueError, match="overlaps"):
+        fastbn.batch_norm(x, running_mean=rm, running_var=rv, out=out, running_var_ddof=0)
+    np.testing.assert_array_equal(holder, before)
 
 
 def test_quick_forward_matches_the_reference():
