@@ -24,6 +24,9 @@ from ._view import (
 )
 
 _TooHardError = getattr(np, "exceptions", np).TooHardError
+# the number types of eps and momentum on the quick path (NumPy's float64, e.g. from
+# arithmetic on array values, is a float; the kernels read both as float64)
+_FLOATS = (float, np.float64)
 
 
 def _plain_param(p, C):
@@ -284,12 +287,13 @@ def quick_view(
     """The View of a common call (``training`` True or False, no ``stats``) when every
     check of ``forward_args`` would pass as the arguments are, else None: plain
     C-contiguous float arrays that own their memory (so that none overlaps another),
-    float ``eps`` and ``momentum``, ``out`` None or such an array of x's shape and dtype;
-    ``x`` may also be a view of an array that owns its memory (a slice of a batch, a
-    reshaped activation) when that array is none of the others. In eval mode it
+    ``eps`` and ``momentum`` of type float or ``np.float64``, ``out`` None or such an
+    array of x's shape and dtype; ``x`` may also be a view of an array that owns its
+    memory (a slice of a batch, a reshaped activation) when that array is none of the
+    others. In eval mode it
     raises ``forward_args``'s error for a negative ``running_var`` (its last check, so
     no other error comes first)."""
-    if type(eps) is not float or type(ddof) is not int or not 0.0 < eps < math.inf:
+    if type(eps) not in _FLOATS or type(ddof) is not int or not 0.0 < eps < math.inf:
         return None
     if not 0 <= ddof <= 1 or (out is not None and not plain_out(out, x)):
         return None
@@ -302,7 +306,7 @@ def quick_view(
     if not _plain_params(view.C, owner, gamma, beta, running_mean, running_var):
         return None
     if training is True:
-        if type(momentum) is float:
+        if type(momentum) in _FLOATS:
             if not 0.0 <= momentum <= 1.0:
                 return None
         elif not (momentum is None and running_mean is None and running_var is None):
@@ -316,7 +320,7 @@ def quick_view(
         return view
     if training is not False or running_mean is None or running_var is None:
         return None
-    if not (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0)):
+    if not (momentum is None or (type(momentum) in _FLOATS and 0.0 <= momentum <= 1.0)):
         return None
     check_running_var(running_var)
     return view

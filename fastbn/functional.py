@@ -318,10 +318,11 @@ def _quick(
 ):  # fmt: skip
     """``batch_norm`` without ``stats``, for arguments that every check passes as they
     are (``_checks.quick_view``): ``x`` a plain C-contiguous array of ``view``'s shape and
-    dtype owning its memory; ``gamma``, ``beta`` and the running arrays None or native
-    contiguous float arrays of shape ``(C,)`` owning theirs (the running ones writable
-    when training); float ``eps`` and ``momentum``; ``out`` None or a writable
-    C-contiguous array like ``x`` owning its memory."""
+    dtype whose memory's owner is known (itself or its base) and none of the others;
+    ``gamma``, ``beta`` and the running arrays None or native contiguous float arrays of
+    shape ``(C,)`` owning theirs (the running ones writable when training); ``eps`` and
+    ``momentum`` float or ``np.float64``; ``out`` None or a writable C-contiguous array
+    like ``x`` owning its memory."""
     x_flat = x.ravel()
     if out is None:
         y, y_flat = view.empty()
@@ -329,7 +330,7 @@ def _quick(
         y, y_flat = out, out.ravel()
     relu = activation is not None
     stats, finite, fwork, kernel_gamma, kernel_beta = _launch.forward_quick(
-        view.plan, x_flat, y_flat, gamma, beta, eps, running_mean, running_var, momentum,
+        view.plan, x_flat, y_flat, gamma, beta, float(eps), running_mean, running_var, momentum,
         ddof if training else None, relu,
     )  # fmt: skip
     if not finite:

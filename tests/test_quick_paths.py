@@ -152,6 +152,28 @@ def test_an_x_inside_an_array_written_is_refused_by_the_quick_check(written):
     np.testing.assert_array_equal(holder, before)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_numpy_float64_eps_and_momentum_take_the_quick_path_with_the_same_bits(training):
+    """``eps`` and ``momentum`` as ``np.float64`` (arithmetic on NumPy values gives them):
+    the quick path, with the bits of Python floats and of the checked path."""
+    x, dy, params = _arrays((30, 7), np.float32, seed=15)
+    results = []
+    for kind in ("quick float", "quick np.float64", "checked"):
+        number = np.float64 if kind == "quick np.float64" else float
+        p = [_view_of_copy(a) for a in params] if kind == "checked" else [a.copy() for a in params]
+        eps, momentum = number(1e-3), number(0.3)
+        args = (x, p[0], p[1], training, p[2], p[3], momentum, eps, 1, 1, None)
+        assert (_checks.quick_view(*args) is None) == (kind == "checked")
+        y, cache = fastbn.batch_norm(
+            x, p[0], p[1], training=training, running_mean=p[2], running_var=p[3],
+            momentum=momentum, eps=eps,
+        )  # fmt: skip
+        results.append((y, p[2], p[3], *fastbn.batch_norm_backward(dy, cache)))
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_quick_forward_matches_the_reference():
     """An oracle independent of both paths: the naive NumPy reference."""
     x, dy, params = _arrays((100, 100), np.float64, seed=3)
