@@ -122,19 +122,19 @@ class View:
         """A new output: ``(user_array, flat_buffer)`` with x's memory layout."""
         if self.small and not self.channels_last:
             a = np.empty(self.shape, self.compute)
-            return a, a.reshape(-1)
+            return a, a.ravel()  # a view of a new C-contiguous array (faster than reshape)
         if self.channels_last:
             moved = _memory.empty(self._moved_shape(), self.compute)
-            return np.moveaxis(moved, -1, self.axis), moved.reshape(-1)
+            return np.moveaxis(moved, -1, self.axis), moved.ravel()
         a = _memory.empty(self.shape, self.compute)
-        return a, a.reshape(-1)
+        return a, a.ravel()
 
     def writable_flat(self, out):
         """The flat buffer of ``out`` when kernels can write it directly, else None."""
         if out.dtype != self.compute:
             return None
         a = np.moveaxis(out, self.axis, -1) if self.channels_last else out
-        return a.reshape(-1) if a.flags.c_contiguous else None
+        return a.ravel() if a.flags.c_contiguous else None
 
 
 def check_axis(axis, ndim):
