@@ -283,7 +283,7 @@ def quick_view(
     ``eps`` and ``momentum`` of type float or ``np.float64``, ``out`` None or such an
     array of x's shape and dtype; ``x`` may also be a view of an array that owns its
     memory (a slice of a batch, a reshaped activation) when that array is none of the
-    others. In eval mode it
+    others, and channels-last (``View.matches``; then without ``out``). In eval mode it
     raises ``forward_args``'s error for a negative ``running_var`` (its last check, so
     no other error comes first)."""
     if type(eps) not in _FLOATS or type(ddof) is not int or not 0.0 < eps < math.inf:
@@ -291,8 +291,8 @@ def quick_view(
     if not 0 <= ddof <= 1 or (out is not None and not plain_out(out, x)):
         return None
     view = fast_view(x, axis)
-    if view is None:
-        return None
+    if view is None or (view.channels_last and out is not None):
+        return None  # (an out= of a channels-last x: the checked path finds its layout)
     owner = memory_owner(x)
     if owner is None or (owner is not x and owner is out):
         return None

@@ -214,12 +214,12 @@ def backward(plan, dy, x, dx, mean, invstd, gamma, training, n=None, sums=None, 
 
 def backward_quick(plan, dy, x, dx, mean, invstd, gamma, training, fwork):
     """``backward`` without given sums, for a cache's ``gamma`` (None or the snapshot,
-    already as kernels read it) and ``training`` a bool: returns ``(dgamma, dbeta)``."""
+    already as kernels read it) and ``training`` a bool: returns the float64 ``(2, C)``
+    array of ``(dgamma, dbeta)``."""
     if gamma is None:
         gamma = plan.ones
     sums, n = np.empty((2, plan.C)), plan.count
-    grads = _backward(plan, dy, x, dx, mean, invstd, gamma, n, training, sums, False, fwork)
-    return grads[0], grads[1]
+    return _backward(plan, dy, x, dx, mean, invstd, gamma, n, training, sums, False, fwork)
 
 
 def _backward(plan, dy, x, dx, mean, invstd, gamma, n, training, sums, have_sums, fwork):

@@ -81,7 +81,7 @@ class View:
     """
 
     __slots__ = ("shape", "axis", "outer", "C", "inner", "channels_last", "dtype", "compute")
-    __slots__ += ("plan", "small", "count", "sample_step")
+    __slots__ += ("plan", "small", "count", "sample_step", "to_memory", "to_user", "strides")
 
     def __init__(self, shape, axis, channels_last, dtype):
         self.shape, self.axis, self.channels_last = shape, axis, channels_last
@@ -98,6 +98,35 @@ class View:
         self.small = math.prod(shape) * self.compute.itemsize < _memory.MIN_BYTES
         self.count = self.outer * self.inner  # values per channel
         self.sample_step = max(1, math.prod(shape) // _X_SAMPLES)  # see ``_checks.x_sample``
+        # the axes in memory order (channels last) and back: transposes cheaper than moveaxis
+        ndim = len(shape)
+        self.to_memory = tuple(i for i in range(ndim) if i != axis) + (axis,)
+        self.to_user = tuple(self.to_memory.index(i) for i in range(ndim))
+        # the strides of an array of this view's shape and layout with its dtype
+        moved = tuple(shape[i] for i in self.to_memory) if channels_last else shape
+        step, strides = self.dtype.itemsize, [0] * ndim
+        for i in reversed(range(ndim)):
+            strides[i] = step
+            step *= moved[i]
+        strides = tuple(strides)
+        self.strides = (
+            tuple(strides[self.to_user[i]] for i in range(ndim)) if channels_last else strides
+        )
+
+    def matches(self, a):
+        """True when ``a`` (an ndarray of this view's shape and dtype) has its memory
+        layout: C-contiguous, or for ``channels_last`` exactly the strides of an array
+        whose channel axis is innermost (size-1 axes included: another stride there
+        takes the checked path)."""
+        if self.channels_last:
+            return a.strides == self.strides
+        return a.flags.c_contiguous
+
+    def quick_flat(self, a):
+        """The flat buffer of ``a`` (one that ``matches``) in view order, a view of it."""
+        if self.channels_last:
+            return a.transpose(self.to_memory).ravel()
+        return a.ravel()
 
     @property
     def per_channel(self):
@@ -125,7 +154,7 @@ class View:
             return a, a.ravel()  # a view of a new C-contiguous array (faster than reshape)
         if self.channels_last:
             moved = _memory.empty(self._moved_shape(), self.compute)
-            return np.moveaxis(moved, -1, self.axis), moved.ravel()
+            return moved.transpose(self.to_user), moved.ravel()
         a = _memory.empty(self.shape, self.compute)
         return a, a.ravel()
 
@@ -174,17 +203,24 @@ _views = {}
 
 
 def fast_view(x, axis):
-    """The View of a plain C-contiguous float32/float64 ``x`` with an in-range int ``axis``,
-    from a small cache; None when any of that does not hold, and then the caller runs
-    the full checks (``view_of``), which give the same View or the error."""
-    if type(x) is not np.ndarray or type(axis) is not int or not x.flags.c_contiguous:
+    """The View of a plain float32/float64 ``x``, C-contiguous or channels-last (an NCHW
+    array with NHWC memory: ``View.matches``), with an in-range int ``axis``, from a
+    small cache; None when any of that does not hold, and then the caller runs the full
+    checks (``view_of``), which give the same View or the error."""
+    if type(x) is not np.ndarray or type(axis) is not int:
         return None
-    key = (x.shape, axis, x.dtype)
+    contiguous = x.flags.c_contiguous
+    key = (x.shape, axis, x.dtype, contiguous)
     view = _views.get(key)
     if view is None:
         if x.dtype not in _FAST_DTYPES or x.ndim < 2 or not -x.ndim <= axis < x.ndim:
             return None
+        axis %= x.ndim
+        if not contiguous and (axis == x.ndim - 1 or x.ndim < 3):
+            return None  # not channels-last (a 2-d input that is not C-contiguous either)
         if len(_views) > 256:
             _views.clear()
-        view = _views[key] = View(x.shape, axis % x.ndim, False, x.dtype)
+        view = _views[key] = View(x.shape, axis, not contiguous, x.dtype)
+    if not contiguous and x.strides != view.strides:
+        return None
     return view

@@ -323,8 +323,8 @@ def _quick(
     ``gamma``, ``beta`` and the running arrays None or native contiguous float arrays of
     shape ``(C,)`` owning theirs (the running ones writable when training); ``eps`` and
     ``momentum`` float or ``np.float64``; ``out`` None or a writable C-contiguous array
-    like ``x`` owning its memory."""
-    x_flat = x.ravel()
+    like ``x`` owning its memory (None for a channels-last ``x``)."""
+    x_flat = view.quick_flat(x)
     if out is None:
         y, y_flat = view.empty()
     else:
@@ -368,7 +368,7 @@ def call_again(
     own, replaced by this call's): it is refilled and returned instead of a new one, its
     statistics written in place (two allocations and the object's construction less)."""
     plan = view.plan
-    x_flat = x.ravel()
+    x_flat = view.quick_flat(x)
     y, y_flat = view.empty() if out is None else (out, out.ravel())
     relu = activation is not None
     kernel_gamma = plan.ones if gamma is None else gamma
@@ -399,29 +399,34 @@ def call_again(
 
 def _backward_quick(dy, cache, out):
     """``batch_norm_backward(dy, cache, out=out)`` of the common call, or None when it is
-    not one: a plain C-contiguous ``dy`` of the forward's shape and storage dtype (float32
-    or float64, not channels-last), a cache without ``stats=``, ``out`` None or an array
-    the kernels write directly that overlaps nothing it must not (``_checks.plain_dx_out``)."""
+    not one: a plain ``dy`` of the forward's shape, storage dtype (float32 or float64) and
+    memory layout (C-contiguous, or channels-last as ``x``: ``View.matches``), a cache
+    without ``stats=``, ``out`` None or (C-contiguous layout only) an array the kernels
+    write directly that overlaps nothing it must not (``_checks.plain_dx_out``)."""
     view = cache.view
-    if cache.count is not None or view.channels_last:
+    if cache.count is not None:
         return None
     if type(dy) is not np.ndarray or dy.dtype is not view.dtype or view.dtype is not view.compute:
         return None
-    if dy.shape != view.shape or not dy.flags.c_contiguous or not dy.size:
+    if dy.shape != view.shape or not view.matches(dy) or not dy.size:
         return None
-    if out is not None and not _checks.plain_dx_out(out, dy, cache.x):
+    if out is not None and (view.channels_last or not _checks.plain_dx_out(out, dy, cache.x)):
         return None
     _checks.check_x_sample(cache.x_flat, cache.x_sample)
     dx, dx_flat = view.empty() if out is None else (out, out.ravel())
-    dy_flat, fwork = dy.ravel(), None
+    dy_flat, fwork = view.quick_flat(dy), None
     if cache.activation is not None:
         dy_flat, fwork = _activation.backward_inputs(cache, dy_flat)
     stats = cache.stats
-    dgamma, dbeta = _launch.backward_quick(
+    grads = _launch.backward_quick(
         view.plan, dy_flat, cache.x_flat, dx_flat, stats[0], stats[3], cache.gamma,
         cache.training, fwork,
     )  # fmt: skip
-    return dx, _as_param(dgamma, cache.gamma_dtype), _as_param(dbeta, cache.beta_dtype)
+    gamma_dtype, beta_dtype = cache.gamma_dtype, cache.beta_dtype
+    if gamma_dtype is beta_dtype and gamma_dtype is not None and gamma_dtype is not _FLOAT64:
+        grads = grads.astype(gamma_dtype)  # both rows in one conversion (a float32 model)
+        return dx, grads[0], grads[1]
+    return dx, _as_param(grads[0], gamma_dtype), _as_param(grads[1], beta_dtype)
 
 
 def _as_param(grad, dtype):

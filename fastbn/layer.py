@@ -192,8 +192,7 @@ class BatchNorm:
             a is None or (a.dtype is dtype and a.flags.c_contiguous and a.flags.writeable)
             for a in direct
         )
-        ok = plain and type(x) is np.ndarray and x.flags.c_contiguous
-        ok = ok and x.dtype is dtype and not cache.view.channels_last
+        ok = plain and type(x) is np.ndarray and x.dtype is dtype and cache.view.matches(x)
         # the owners of the arrays' memory: an x or an out= whose owner is none of them
         # cannot overlap them (None: some array's owner is unknown, no quick path then)
         owners = tuple(_checks.memory_owner(a) for a in direct if a is not None)
@@ -221,13 +220,15 @@ class BatchNorm:
         if prepared is None:
             return None
         dtype, view, direct, state, owners = prepared
-        if x.dtype is not dtype or not x.flags.c_contiguous:
+        if x.dtype is not dtype or not view.matches(x):
             return None
         # x (or its owner, for a view) and out must not hold the memory of the layer's arrays
         x_owner = _checks.memory_owner(x)
         if x_owner is None or owners is None:
             return None
-        if out is not None and (out is x_owner or not _checks.plain_out(out, x)):
+        if out is not None and (
+            view.channels_last or out is x_owner or not _checks.plain_out(out, x)
+        ):
             return None
         for owner in owners:
             if owner is x_owner or owner is out:

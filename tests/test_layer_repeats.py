@@ -325,6 +325,36 @@ def test_a_view_of_a_batch_takes_the_quick_layer_path_with_the_same_bits(trainin
             np.testing.assert_array_equal(bn.dgamma, own.dgamma)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_a_channels_last_batch_takes_the_quick_layer_path_with_the_same_bits(training, activation):
+    """NCHW batches with NHWC memory (a convolution's output written with im2col), and a
+    ``dy`` of that layout: after the first call the layer's quick path, with the bits of
+    a layer over ``axis=-1`` fed the same memory as C-contiguous NHWC arrays (the same
+    sums in the same order)."""
+    rng = np.random.default_rng(18)
+    bn = fastbn.BatchNorm(5, activation=activation)
+    nhwc_layer = fastbn.BatchNorm(5, axis=-1, activation=activation)
+    for layer in (bn, nhwc_layer):
+        layer.train(training)
+    for step in range(3):
+        nhwc = (rng.standard_normal((8, 3, 4, 5)) * 2 + 1).astype(np.float32)
+        dy_nhwc = rng.standard_normal((8, 3, 4, 5)).astype(np.float32)
+        x, dy = nhwc.transpose(0, 3, 1, 2), dy_nhwc.transpose(0, 3, 1, 2)
+        if step:
+            assert bn._repeats(x) is not None
+        y = bn.forward(x)
+        assert y.strides == x.strides
+        np.testing.assert_array_equal(y.transpose(0, 2, 3, 1), nhwc_layer.forward(nhwc))
+        np.testing.assert_array_equal(bn.running_var, nhwc_layer.running_var)
+        dx = bn.backward(dy)
+        assert dx.strides == x.strides
+        np.testing.assert_array_equal(dx.transpose(0, 2, 3, 1), nhwc_layer.backward(dy_nhwc))
+        np.testing.assert_array_equal(bn.dgamma, nhwc_layer.dgamma)
+        np.testing.assert_array_equal(bn.dbeta, nhwc_layer.dbeta)
+    assert not bn._repeats(x, np.empty(x.shape, np.float32))  # out=: the checked path
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_repeated_training_calls_refill_one_cache_with_the_checked_paths_bits(dtype, activation):

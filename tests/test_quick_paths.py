@@ -174,6 +174,83 @@ def test_numpy_float64_eps_and_momentum_take_the_quick_path_with_the_same_bits(t
             np.testing.assert_array_equal(got, want)
 
 
+def _channels_last(a):
+    """``a`` (NCHW) with NHWC memory, as a convolution written with im2col returns it."""
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_a_channels_last_x_takes_the_quick_path_with_the_same_bits(dtype, training, activation):
+    """An NCHW array with NHWC memory and a ``dy`` of that layout: the quick forward and
+    backward, with the bits of the checked path (parameters that are views) and of the
+    C-contiguous NHWC array with ``axis=-1`` (the same memory); ``y`` and ``dx`` keep the
+    layout. A C-contiguous ``dy`` goes through the checked path, with the same bits."""
+    rng = np.random.default_rng(16)
+    shape = (6, 5, 4, 3)
+    x = _channels_last((rng.standard_normal(shape) * 2 + 1).astype(dtype))
+    dy = _channels_last(rng.standard_normal(shape).astype(dtype))
+    assert not x.flags.c_contiguous and x.base is not None
+    _, _, params = _arrays(shape, dtype, seed=16)
+    quick_params = [p.copy() for p in params]
+    args = (x, *quick_params[:2], training, *quick_params[2:], 0.25, 1e-4, 1, 1, None)
+    view = _checks.quick_view(*args)
+    assert view is not None and view.channels_last
+    y1, cache1 = _forward(x, quick_params, training, None, activation)
+    checked_params = [_view_of_copy(p) for p in params]
+    y2, cache2 = _forward(x, checked_params, training, None, activation)
+    nhwc_params = [p.copy() for p in params]
+    gamma, beta, rm, rv = nhwc_params
+    y3, cache3 = fastbn.batch_norm(
+        np.ascontiguousarray(x.transpose(0, 2, 3, 1)), gamma, beta, training=training,
+        running_mean=rm, running_var=rv, momentum=0.25, eps=1e-4, axis=-1,
+        activation=activation,
+    )  # fmt: skip
+    assert y1.strides == x.strides
+    np.testing.assert_array_equal(y1, y2)
+    np.testing.assert_array_equal(y1.transpose(0, 2, 3, 1), y3)
+    for a, b, c in zip(quick_params, checked_params, nhwc_params):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    assert functional._backward_quick(dy, cache1, None) is not None
+    assert functional._backward_quick(np.ascontiguousarray(dy), cache1, None) is None
+    dx1, dg1, db1 = fastbn.batch_norm_backward(dy, cache1)
+    assert dx1.strides == x.strides
+    for got in (
+        fastbn.batch_norm_backward(dy, cache2),
+        fastbn.batch_norm_backward(np.ascontiguousarray(dy), cache1),
+    ):
+        for a, b in zip(got, (dx1, dg1, db1)):
+            np.testing.assert_array_equal(a, b)
+    dx3, dg3, db3 = fastbn.batch_norm_backward(
+        np.ascontiguousarray(dy.transpose(0, 2, 3, 1)), cache3
+    )
+    np.testing.assert_array_equal(dx1.transpose(0, 2, 3, 1), dx3)
+    np.testing.assert_array_equal(dg1, dg3)
+    np.testing.assert_array_equal(db1, db3)
+
+
+def test_other_layouts_and_a_channels_last_out_take_the_checked_path():
+    """Only C-contiguous and exactly channels-last inputs are quick: another permutation
+    of the axes, a channels-last ``x`` with ``out=`` (whose layout the checked path
+    handles) and a strided channels-last view give the checked path's answers."""
+    rng = np.random.default_rng(17)
+    base = rng.standard_normal((6, 5, 4, 3))
+    permuted = np.ascontiguousarray(base.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+    strided = _channels_last(base)[:, :, ::2]
+    x_cl = _channels_last(base)
+    cases = [(permuted, None), (strided, None), (x_cl, np.empty(x_cl.shape))]
+    for x, out in cases:
+        rm, rv = np.zeros(x.shape[1]), np.ones(x.shape[1])
+        assert _checks.quick_view(x, None, None, True, rm, rv, 0.1, 1e-5, 1, 1, out) is None
+        y, _ = fastbn.batch_norm(x, running_mean=rm, running_var=rv, out=out)
+        rm2, rv2 = np.zeros(x.shape[1]), np.ones(x.shape[1])
+        y_ref, _ = fastbn.batch_norm(np.ascontiguousarray(x), running_mean=rm2, running_var=rv2)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(rv, rv2, rtol=1e-13)
+
+
 def test_quick_forward_matches_the_reference():
     """An oracle independent of both paths: the naive NumPy reference."""
     x, dy, params = _arrays((100, 100), np.float64, seed=3)
