@@ -28,6 +28,8 @@ def test_case_table_names_the_issues_small_cases():
     assert by["NCHW 32x16x8x8"].shape == (32, 16, 8, 8) and by["NCHW 32x16x8x8"].axis == 1
     assert by["NHWC 16x8x8x32"].shape == (16, 8, 8, 32) and by["NHWC 16x8x8x32"].axis == -1
     assert by["NHWC 16x8x8x32"].C == 32
+    twin = by["NCHW 32x16x8x8 channels_last"]
+    assert twin.shape == (32, 16, 8, 8) and twin.channels_last and twin.small
     subsets = (cases.QUICK_CASES, cases.SMALL_CASES, cases.DRAM_CASES, cases.BUSY_CASES)
     for names in (*subsets, cases.FUSION_CASES):
         assert set(names) <= set(by)

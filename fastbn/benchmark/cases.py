@@ -61,6 +61,8 @@ CASES = (
     Case("100x100 BatchNorm", (100, 100), dtype="float64", layer=True),
     Case("NCHW 32x16x8x8", (32, 16, 8, 8)),
     Case("NHWC 16x8x8x32", (16, 8, 8, 32), axis=-1),
+    # NCHW with NHWC memory, as a convolution written with im2col returns its output
+    Case("NCHW 32x16x8x8 channels_last", (32, 16, 8, 8), channels_last=True),
     # a late CNN layer: planes of 2x2 values, where the planes kernels loop per plane
     Case("NCHW 256x64x2x2", (256, 64, 2, 2)),
     Case("256x1024", (256, 1024)),
@@ -87,6 +89,7 @@ SMALL_CASES = (
     "100x100 BatchNorm",
     "NCHW 32x16x8x8",
     "NHWC 16x8x8x32",
+    "NCHW 32x16x8x8 channels_last",
     "NCHW 256x64x2x2",
 )
 # The DRAM-sized 2-D cases that the speed targets speak of.
