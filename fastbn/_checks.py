@@ -294,7 +294,7 @@ def quick_view(
     if view is None or (view.channels_last and out is not None):
         return None  # (an out= of a channels-last x: the checked path finds its layout)
     owner = memory_owner(x)
-    if owner is None or (owner is not x and owner is out):
+    if owner is None or owner is out:  # (out is x itself: plain_out refused it)
         return None
     if not _plain_params(view.C, owner, gamma, beta, running_mean, running_var):
         return None

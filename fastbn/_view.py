@@ -103,7 +103,7 @@ class View:
         self.to_memory = tuple(i for i in range(ndim) if i != axis) + (axis,)
         self.to_user = tuple(self.to_memory.index(i) for i in range(ndim))
         # the strides of an array of this view's shape and layout with its dtype
-        moved = tuple(shape[i] for i in self.to_memory) if channels_last else shape
+        moved = self._moved_shape() if channels_last else shape
         step, strides = self.dtype.itemsize, [0] * ndim
         for i in reversed(range(ndim)):
             strides[i] = step
@@ -134,7 +134,7 @@ class View:
         return self.count
 
     def _moved_shape(self):
-        return self.shape[: self.axis] + self.shape[self.axis + 1 :] + (self.C,)
+        return tuple(self.shape[i] for i in self.to_memory)
 
     def flat(self, a):
         """A flat C-contiguous buffer of ``a`` (same shape as the view) in view order.
@@ -144,7 +144,7 @@ class View:
         if a.dtype != self.compute:
             a = a.astype(self.compute)
         if self.channels_last:
-            a = np.moveaxis(a, self.axis, -1)
+            a = a.transpose(self.to_memory)
         return np.ascontiguousarray(a).reshape(-1)
 
     def empty(self):
@@ -162,7 +162,7 @@ class View:
         """The flat buffer of ``out`` when kernels can write it directly, else None."""
         if out.dtype != self.compute:
             return None
-        a = np.moveaxis(out, self.axis, -1) if self.channels_last else out
+        a = out.transpose(self.to_memory) if self.channels_last else out
         return a.ravel() if a.flags.c_contiguous else None
 
 
