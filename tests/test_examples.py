@@ -137,6 +137,29 @@ def test_demo_prints_the_summary_and_writes_the_figure(tmp_path, capsys):
     assert "[ 2/2] weight scale" in printed.err  # progress on stderr
 
 
+def test_demo_warm_up_loads_every_kernel_its_runs_call():
+    """The demo times its batch-norm calls: the warm-up must load (or compile) every
+    target that the runs' layers (BatchNorm fused with ReLU) then call, so that no
+    timed call loads one. In a fresh interpreter: in this one, other tests may have
+    loaded them already."""
+    pytest.importorskip("sklearn")
+    code = (
+        "from fastbn.examples import demo\n"
+        "from fastbn._kernels import ops\n"
+        "def loaded():\n"
+        "    return {(name, key) for name, targets in ops.TARGETS.items()\n"
+        "            for key, target in targets.items() if target.overloads}\n"
+        "config = demo.DemoConfig(epochs=1, scales=1, train_size=300, overfit_epochs=0)\n"
+        "demo.warm_up(config)\n"
+        "before = loaded()\n"
+        "assert before, 'the warm-up loaded nothing'\n"
+        "demo.sweep(config)\n"
+        "missed = loaded() - before\n"
+        "assert not missed, f'loaded inside the timed runs: {sorted(missed)}'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
+
+
 def test_demo_rejects_bad_options(capsys):
     from fastbn.examples import demo
 

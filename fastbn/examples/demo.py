@@ -271,11 +271,13 @@ def _limit_threads(n):
 
 
 def warm_up(config):
-    """Load (or compile) fastbn's kernels for the shapes the runs use; returns seconds."""
+    """Load (or compile) fastbn's kernels for the layers and shapes the runs use (the
+    MLP's ``BatchNorm(activation="relu")``, see ``MLP``'s ``fuse_relu``), so that the
+    time inside batch-norm calls does not include loading them; returns seconds."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     width = config.hidden[0]
-    bn = fastbn.BatchNorm(width, dtype=np.float64)
+    bn = fastbn.BatchNorm(width, dtype=np.float64, activation="relu")
     for rows in (config.batch_size, N_DIGITS):  # a training batch; a whole evaluation set
         x = rng.standard_normal((rows, width))
         bn.train()
