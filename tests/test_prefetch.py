@@ -1,6 +1,9 @@
-"""Rows reductions of inputs beyond ``PREFETCH_ABOVE`` bytes with short rows prefetch the
-rows ahead (``fastbn/_kernels/partition.py``): such inputs get the float64 oracle's values,
-the same bits on one thread and on two, and ReLU equal to the composition."""
+"""Rows reductions of inputs beyond ``PREFETCH_ABOVE`` bytes sweep their rows otherwise
+than in cache (``fastbn/_kernels/partition.py``): one row at a time (gradient sums with
+rows of up to ``ONE_ROW_BYTES``, the statistics pass from ``MOMENTS_ONE_ROW_FROM``), or
+four rows with the rows ahead prefetched (the statistics pass's shorter rows), four rows
+without beyond. Each of these gets the float64 oracle's values, the same bits on one
+thread and on two, and ReLU equal to the composition."""
 
 import numpy as np
 import pytest
@@ -23,8 +26,23 @@ def _big_case(dtype, C):
     gamma = np.linspace(0.5, 1.5, C).astype(dtype)
     beta = np.linspace(-1.0, 1.0, C).astype(dtype)
     assert x.nbytes > partition.PREFETCH_ABOVE
-    assert C * itemsize <= partition.PREFETCH_ROW_BYTES  # the prefetching sweeps
     return x, dy, gamma, beta
+
+
+# rows of 256 B (gradient sums one row at a time, statistics four rows and the prefetch),
+# 1 KiB and 2 KiB (both one row at a time: 512 B <= row <= ONE_ROW_BYTES), 4 KiB (both
+# four rows, no prefetch)
+_SWEEPS = [(np.float32, 64), (np.float32, 256), (np.float64, 128), (np.float32, 512)]
+_SWEEPS += [(np.float32, 1024)]
+
+
+def test_the_cases_cover_each_sweep():
+    rows = {np.dtype(d).itemsize * C for d, C in _SWEEPS}
+    assert min(rows) < partition.MOMENTS_ONE_ROW_FROM
+    assert partition.ONE_ROW_BYTES in rows
+    assert max(rows) > partition.ONE_ROW_BYTES
+    assert any(partition.MOMENTS_ONE_ROW_FROM <= r < partition.ONE_ROW_BYTES for r in rows)
+    assert min(rows) <= partition.PREFETCH_ROW_BYTES
 
 
 def _oracle(x, dy, gamma, beta):
@@ -48,8 +66,8 @@ def _run(x, dy, gamma, beta, activation=None):
     return y, cache, dx, dgamma, dbeta
 
 
-@pytest.mark.parametrize("dtype, C", [(np.float32, 64), (np.float32, 256), (np.float64, 128)])
-def test_prefetching_sweeps_match_the_oracle_and_thread_counts(dtype, C):
+@pytest.mark.parametrize("dtype, C", _SWEEPS)
+def test_memory_sweeps_match_the_oracle_and_thread_counts(dtype, C):
     x, dy, gamma, beta = _big_case(dtype, C)
     with _choice.delay(0):  # the first call of a plan runs the parallel target
         y, cache, dx, dgamma, dbeta = _run(x, dy, gamma, beta)
@@ -69,8 +87,9 @@ def test_prefetching_sweeps_match_the_oracle_and_thread_counts(dtype, C):
         np.testing.assert_array_equal(a, b)
 
 
-def test_prefetching_relu_sweeps_equal_the_composition():
-    x, dy, gamma, beta = _big_case(np.float32, 64)
+@pytest.mark.parametrize("C", [64, 256])
+def test_memory_relu_sweeps_equal_the_composition(C):
+    x, dy, gamma, beta = _big_case(np.float32, C)
     y, cache, dx, dgamma, dbeta = _run(x, dy, gamma, beta)
     y_relu, _, dx_relu, dgamma_relu, dbeta_relu = _run(x, dy, gamma, beta, activation="relu")
     np.testing.assert_array_equal(y_relu, np.maximum(y, 0))

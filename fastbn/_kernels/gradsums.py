@@ -13,7 +13,7 @@ import numpy as np
 
 from .jit import borrowing, drivers, inline, jit, planes_only, relu_pair
 from .layout import CHANNELS, INNER, NTASKS, W_MEAN, W_OFFSET, W_SCALE
-from .partition import PREFETCH_ROWS, prefetch_four_rows, prefetching, task
+from .partition import one_row_sweeps, task
 from .stream import add_in_order, fmuladd, masked
 
 _U = np.uint64
@@ -34,14 +34,12 @@ def _gradsums_rows(dy, x, C, r0, r1, c0, c1, mean, s1, s2):
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)
     r = r0
-    ahead = prefetching(w, x.itemsize, _U(x.size))
-    while r + _U(4) <= r1:
+    four = not one_row_sweeps(w, x.itemsize, _U(x.size), _U(0))  # else the loop below
+    while four and r + _U(4) <= r1:
         i0 = r * C + c0
         i1 = i0 + C
         i2 = i1 + C
         i3 = i2 + C
-        if ahead and r + _U(PREFETCH_ROWS + 4) <= r1:
-            prefetch_four_rows(dy, x, i0 + _U(PREFETCH_ROWS) * C, C, w)
         for j in range(w):  # float64 before the pairs are added (float32 dy loses digits)
             g0 = np.float64(dy[i0 + j])
             g1 = np.float64(dy[i1 + j])
@@ -78,14 +76,12 @@ def _gradsums_rows_relu(dy, x, C, r0, r1, c0, c1, mean, s1, s2, rm, rp, rq):
     acc1 = np.zeros(w)
     acc2 = np.zeros(w)
     r = r0
-    ahead = prefetching(w, x.itemsize, _U(x.size))
-    while r + _U(4) <= r1:
+    four = not one_row_sweeps(w, x.itemsize, _U(x.size), _U(0))  # else the loop below
+    while four and r + _U(4) <= r1:
         i0 = r * C + c0
         i1 = i0 + C
         i2 = i1 + C
         i3 = i2 + C
-        if ahead and r + _U(PREFETCH_ROWS + 4) <= r1:
-            prefetch_four_rows(dy, x, i0 + _U(PREFETCH_ROWS) * C, C, w)
         for k in range(4):
             ik = i0 + _U(k) * C
             g = gm[_U(k) * w :]

@@ -12,7 +12,14 @@ import numpy as np
 
 from .jit import borrowing, drivers, exact_borrowing, jit, planes_only
 from .layout import CHANNELS, INNER, NTASKS
-from .partition import PREFETCH_ROWS, prefetch_four_rows, prefetching, task
+from .partition import (
+    MOMENTS_ONE_ROW_FROM,
+    PREFETCH_ROWS,
+    one_row_sweeps,
+    prefetch_four_rows,
+    prefetching,
+    task,
+)
 from .stream import fmuladd
 
 _U = np.uint64
@@ -29,7 +36,9 @@ def _moments_rows(x, C, r0, r1, c0, c1, s1, s2, shift):
     acc2 = np.zeros(w)
     r = r0
     ahead = prefetching(w, x.itemsize, _U(x.size))
-    while r + _U(4) <= r1:
+    # else one row at a time (the loop below)
+    four = not one_row_sweeps(w, x.itemsize, _U(x.size), _U(MOMENTS_ONE_ROW_FROM))
+    while four and r + _U(4) <= r1:
         i0 = r * C + c0
         i1 = i0 + C
         i2 = i1 + C

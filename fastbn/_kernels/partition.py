@@ -44,6 +44,32 @@ PREFETCH_ROW_BYTES = 1024
 PREFETCH_ROWS = 8
 
 
+# ... but on the AMD EPYC VM of 2026-12 the four-row sweeps from memory lost to sweeps of
+# one row at a time (accumulators loaded and stored per row), whose streams the hardware
+# prefetcher follows: one stream per input instead of four interleaved ones within a
+# page. Parallel targets, float32, probe units (a copy of the same bytes), interleaved in
+# one process, four-row (with the prefetch above) -> one-row: gradient sums 65536x256
+# 2.60 -> 1.80, 131072x128 3.1 -> 1.2-1.4, 32768x512 2.04 -> 1.55, 100352x64 1.89 -> 1.32,
+# 1e6x64 1.50 -> 0.99, but 16384x1024 (4 KiB rows) 1.56 -> 1.67; the statistics pass
+# (one input) 65536x256 1.38 -> 0.81-0.99, 131072x128 1.11 -> 0.62, 32768x512 1.03 ->
+# 0.74, but 100352x64 0.60 -> 0.79 and 16384x1024 0.64 -> 1.19. So inputs above
+# PREFETCH_ABOVE bytes sweep one row at a time when a task's row is at most
+# ONE_ROW_BYTES long, and at least MOMENTS_ONE_ROW_FROM bytes for the statistics pass
+# (its shorter rows keep the four-row sweeps and the prefetch).
+ONE_ROW_BYTES = 2048
+MOMENTS_ONE_ROW_FROM = 512
+
+
+@borrowing
+def one_row_sweeps(width, itemsize, size, shortest):
+    """Whether a reduction over ``width`` columns of an input of ``size`` elements of
+    ``itemsize`` bytes sweeps one row at a time: the input is beyond ``PREFETCH_ABOVE``
+    bytes and a row is ``shortest`` to ``ONE_ROW_BYTES`` bytes long."""
+    row = width * _U(itemsize)
+    big = size * _U(itemsize) > _U(PREFETCH_ABOVE)
+    return big and _U(shortest) <= row and row <= _U(ONE_ROW_BYTES)
+
+
 @borrowing
 def prefetching(width, itemsize, size):
     """Whether a four-row sweep over ``width`` columns of an input of ``size`` elements of
