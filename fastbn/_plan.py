@@ -14,7 +14,13 @@ from ._kernels import layout as L
 
 # Elements per task: big enough to amortize a task, small enough for 2+ threads.
 _TASK_ELEMENTS = 1 << 16
-# Row chunks wider than this are split into column chunks (rows family).
+# Row chunks wider than this are split into column chunks (rows family). From memory
+# the chunks are _MAX_SPLIT_WIDTH wide (they were _SPLIT_WIDTH wide until 2026-12-03:
+# parallel passes, probe units, float32 statistics / gradient sums, 1024 -> 4096
+# columns: 1024x16384 0.72-0.75 -> 0.67-0.68 / 1.37-1.59 -> 1.22-1.45, 2048x8192 0.75 ->
+# 0.66 / 1.35 -> 1.20, 512x32768 0.83 -> 0.73 / 1.45 -> 1.37; float64 512x16384 0.77 ->
+# 0.73 / 1.61 -> 1.45, 1024x8192 0.89 -> 0.78 / 1.37 -> 1.26; a whole 16384-column row
+# was no faster than 4096 columns).
 _MAX_SPLIT_WIDTH = 4096
 _SPLIT_WIDTH = 1024
 # ... and so are rows wider than _SPLIT_WIDTH of inputs below this many bytes, which sit
@@ -104,8 +110,10 @@ class Plan:
         self.fused = inner > 1 and outer * inner * itemsize <= FUSE_BYTES and not (small and short)
         if inner == 1:
             cached = outer * C * itemsize < _SPLIT_BELOW_BYTES
-            wide = C > _MAX_SPLIT_WIDTH or (cached and C > _SPLIT_WIDTH)
-            split_width = _SPLIT_WIDTH if wide else C
+            if cached and C > _SPLIT_WIDTH:
+                split_width = _SPLIT_WIDTH
+            else:
+                split_width = min(C, _MAX_SPLIT_WIDTH)
             nsplit = -(-C // split_width) if C else 0
             max_blocks = max(1, min(_MAX_BLOCKS, _MAX_PARTIALS // max(C, 1)))
             block_len = max(4, _TASK_ELEMENTS // max(split_width, 1), -(-outer // max_blocks))

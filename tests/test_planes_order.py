@@ -99,7 +99,9 @@ def test_two_pass_short_planes_give_the_fused_paths_bits(
         (16, 1024, 4, 1024),  # not wider than a chunk
         (300, 1000, 4, 1000),
         (4096, 4096, 4, 4096),  # 64 MiB, from memory: whole rows of up to 4096
-        (1024, 16384, 4, 1024),  # wider than 4096: split at any size
+        (1024, 16384, 4, 4096),  # from memory, wider than 4096: chunks of 4096
+        (256, 10000, 8, 4096),  # 20 MB float64: two chunks of 4096 and one of 1808
+        (8, 16384, 4, 1024),  # 512 KiB, in cache: chunks of 1024 at any width
     ],
 )
 def test_rows_reductions_split_wide_rows_that_sit_in_cache(outer, C, itemsize, width):
@@ -118,14 +120,22 @@ def test_rows_reductions_split_wide_rows_that_sit_in_cache(outer, C, itemsize, w
     assert plan.counts.sum() == outer
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_split_wide_rows_match_the_reference(dtype):
-    """(48, 3000): split into three column chunks (one partial), against the float64
-    reference, forward and backward."""
+@pytest.mark.parametrize(
+    "shape, dtype, nsplit",
+    [
+        ((48, 3000), np.float32, 3),  # in cache: chunks of 1024, one partial
+        ((48, 3000), np.float64, 3),
+        ((256, 10000), np.float64, 3),  # 20 MB, from memory: chunks of 4096, one partial
+        ((480, 9000), np.float32, 3),  # 17 MB
+    ],
+)
+def test_split_wide_rows_match_the_reference(shape, dtype, nsplit):
+    """Rows split into column chunks (one partial), against the float64 reference,
+    forward and backward."""
     rng = np.random.default_rng(5)
-    x = (rng.standard_normal((48, 3000)) * 2 + 3).astype(dtype)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
-    assert _plan.Plan(48, 3000, 1, x.itemsize).ints[layout.NSPLIT] == 3
+    assert _plan.Plan(*shape, 1, x.itemsize).ints[layout.NSPLIT] == nsplit
     y, cache = fastbn.batch_norm(x)
     dx, _, _ = fastbn.batch_norm_backward(dy, cache)
     y_ref, cache_ref = fastbn.reference.batch_norm(x.astype(np.float64), None, None)

@@ -31,9 +31,10 @@ def _big_case(dtype, C):
 
 # rows of 256 B (gradient sums one row at a time, statistics four rows and the prefetch),
 # 1 KiB and 2 KiB (both one row at a time: 512 B <= row <= ONE_ROW_BYTES), 4 KiB (both
-# four rows, no prefetch)
+# four rows, no prefetch), and rows wider than ``fastbn._plan._MAX_SPLIT_WIDTH`` (column
+# chunks of 4096 and a partial one, four rows each)
 _SWEEPS = [(np.float32, 64), (np.float32, 256), (np.float64, 128), (np.float32, 512)]
-_SWEEPS += [(np.float32, 1024)]
+_SWEEPS += [(np.float32, 1024), (np.float32, 9000)]
 
 
 def test_the_cases_cover_each_sweep():
