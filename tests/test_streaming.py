@@ -9,6 +9,7 @@ import pytest
 
 import fastbn
 from fastbn import _plan
+from fastbn._kernels import affine
 
 from _cases import LAYOUTS, random_case
 
@@ -70,3 +71,52 @@ def test_the_streaming_threshold_is_half_the_last_level_cache_up_to_16_mib(
     assert _plan.stream_threshold(_plan._last_level_cache_bytes()) == expected_mib << 20
     monkeypatch.undo()
     assert _plan.STREAM_BYTES == _plan.stream_threshold(_plan._last_level_cache_bytes())
+
+
+@pytest.mark.parametrize(
+    "dtype, shape",
+    [
+        (np.float32, (37, 2048)),  # 8 KiB rows; tasks of 32 rows and 5
+        (np.float32, (21, 4096)),  # tasks of 16 rows and 5
+        (np.float32, (6, 16384)),  # tasks of 4 rows and 2
+        (np.float64, (13, 1024)),  # one task of 13 rows
+        (np.float64, (10, 2056)),
+    ],
+)
+@pytest.mark.parametrize("offset", [0, 1, 5])
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_wide_rows_streamed_across_rows(dtype, shape, offset, activation, training, monkeypatch):
+    """Rows of at least ``affine.FOUR_ROWS_FROM`` bytes, a whole number of lines each, are
+    streamed line by line across four rows (two for ``dx``): the bits of ordinary stores,
+    into ``out=`` views whose rows start 0 to 15 elements before a line boundary, row
+    counts not a multiple of four, nothing written outside ``out``."""
+    itemsize = np.dtype(dtype).itemsize
+    row = shape[1] * itemsize
+    assert row >= affine.FOUR_ROWS_FROM and row % 64 == 0
+    rng = np.random.default_rng(shape[1] + offset)
+    x = (1.5 + rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    gamma = (1 + 0.5 * rng.standard_normal(shape[1])).astype(dtype)
+    beta = rng.standard_normal(shape[1]).astype(dtype)
+    running = {"running_mean": rng.standard_normal(shape[1]), "running_var": np.full(shape[1], 2.0)}
+
+    def run(out=None, dx_out=None):
+        kw = dict(running) if not training else {}
+        y, cache = fastbn.batch_norm(
+            x, gamma, beta, training=training, out=out, activation=activation, **kw
+        )
+        return (y,) + fastbn.batch_norm_backward(dy, cache, out=dx_out)
+
+    monkeypatch.setattr(_plan, "STREAM_BYTES", 1 << 62)
+    plain = run()
+    monkeypatch.setattr(_plan, "STREAM_BYTES", 0)
+    buffer = np.zeros(2 * x.size + 64, dtype)
+    out = buffer[offset : offset + x.size].reshape(shape)
+    dx_out = buffer[x.size + 32 + offset : 2 * x.size + 32 + offset].reshape(shape)
+    streamed = run(out, dx_out)
+    for a, b in zip(plain, streamed):
+        np.testing.assert_array_equal(a, b)
+    assert streamed[0] is out and streamed[1] is dx_out
+    outside = np.r_[buffer[:offset], buffer[offset + x.size : x.size + 32 + offset]]
+    assert not outside.any() and not buffer[2 * x.size + 32 + offset :].any()

@@ -12,8 +12,9 @@
 ``rm, rp, rq`` are rows ``W_MEAN, W_SCALE, W_OFFSET`` of ``fwork``, the coefficients of
 the forward call: the mask is the forward's own arithmetic, so it equals ``y > 0``.
 
-Rows family: a task is ``AFFINE_BLOCK`` whole rows (no per-column state), so a wide row
-streams from start to end. Planes family: a task is ``AFFINE_BLOCK`` outer indices times
+Rows family: a task is ``AFFINE_BLOCK`` whole rows (no per-column state), streamed from
+start to end, or, for rows of ``FOUR_ROWS_FROM`` bytes and more, line by line across up
+to four rows (two for ``dx``), so that a line's coefficients are read once per group. Planes family: a task is ``AFFINE_BLOCK`` outer indices times
 ``AFFINE_CHANNELS`` channels, its planes written in memory order (channel by channel,
 short planes one every ``C * inner`` elements ran ~1.7x slower); in a fused plan a task
 is one channel (``fused``).
@@ -198,6 +199,57 @@ def _eval_relu_dx(plan, x, dy, out, q, g, d, rm, rp, rq, lo, hi, c_lo, c_hi):
                 out[i0 + e] = fmuladd(dyv - dc, gc, qc)
 
 
+# Streamed rows of at least FOUR_ROWS_FROM bytes, a whole number of lines each, are
+# written four rows at a time (two for dx), line by line: line j of rows r, r + 1, ...,
+# then line j + 1. The coefficients of a line are read once per four rows instead of once
+# per row: a row's coefficients (three rows of ``work``, five for ``dx``) outgrow L1 with
+# the row, and the row-by-row pass slowed with the width (parallel, float32, probe units,
+# forward / dx: 256 columns 0.78 / 1.28, 1024 0.93 / 1.69, 4096 1.13 / 1.77, 16384 1.14 /
+# 1.81). Interleaved in one process, row by row -> across rows (2026-12-03): float32 2048
+# columns 1.08-1.14 -> 0.90-0.91 / 1.81-1.83 -> 1.79, 4096 1.25 -> 0.77-0.79 / 1.92 ->
+# 1.64, 16384 1.20-1.25 -> 0.84-0.85 / 1.86 -> 1.54 (four rows for dx: 1.70); float64
+# 2048 1.16 -> 0.88 / 1.83 -> 1.66, 8192 1.10 -> 0.87 / 1.96 -> 1.63, 1024 (8 KiB) even.
+# Short rows lose (one thread, 256 float32 columns, four rows: 0.91 -> 1.83 units: four
+# streams within a page, which the prefetcher follows badly).
+FOUR_ROWS_FROM = 8192
+
+
+@inline
+def _four_rows(C, size, addr):
+    """Whether a streamed rows task is written across rows (``_interleaved_rows``): rows
+    of at least ``FOUR_ROWS_FROM`` bytes, a whole number of lines each (every row then
+    starts at the same offset within a line)."""
+    row = C * size
+    return row >= _U(FOUR_ROWS_FROM) and row % _U(64) == _U(0) and addr % size == _U(0)
+
+
+@inline
+def _interleaved_rows(x, dy, out, m, p, q, g, d, rm, rp, rq, C, lo, hi, addr, with_dy, mode):
+    """Rows ``[lo, hi)`` (``_four_rows``), up to four at a time (two for ``dx``): each
+    row's elements before its first 64-byte boundary and after its last whole line with
+    ordinary stores, its lines streamed line by line across the rows."""
+    line = _U(LINE)
+    size = _U(out.itemsize)
+    head = min(C, ((_U(64) - addr % _U(64)) % _U(64)) // size)
+    nlines = (C - head) // line
+    tail = head + nlines * line
+    r = lo
+    per = _U(2) if with_dy else _U(4)
+    while r < hi:
+        k = min(per, hi - r)
+        for t in range(k * _U(2)):  # heads and tails (one inlined copy of the loop)
+            i0 = (r + t // _U(2)) * C
+            first, n = (_U(0), head) if t % _U(2) == _U(0) else (tail, C - tail)
+            _run(x, dy, out, m, p, q, g, d, rm, rp, rq, C, i0 + first, n, first, _U(1),
+                 with_dy, mode)  # fmt: skip
+        for L in range(nlines):
+            j = head + L * line
+            for t in range(k):
+                i0 = (r + t) * C + j
+                _line(out, x, dy, m, p, q, g, d, rm, rp, rq, i0, j, True, with_dy, mode)
+        r += k
+
+
 @inline
 def _split(addr, size, k, seglen, stream):
     """``(head, nlines)``: the elements before the first 64-byte boundary of segment ``k``
@@ -239,12 +291,16 @@ def _affine_task(plan, t, x, dy, out, m, p, q, g, d, with_dy, stream, fwork, rel
                         with_dy, mode,
                     )  # fmt: skip
         return
+    size = _U(out.itemsize)
+    addr = _U(out.ctypes.data)
+    if rows and _four_rows(C, size, addr):
+        _interleaved_rows(x, dy, out, m, p, q, g, d, rm, rp, rq, C, lo, hi, addr, with_dy, mode)
+        store_fence()
+        return
     # segments: one flat run of rows, or the task's planes in memory order
     nc = c_hi - c_lo
     nseg = _U(1) if rows else (hi - lo) * nc
     seglen = (hi - lo) * C if rows else _U(plan[INNER])
-    size = _U(out.itemsize)
-    addr = _U(out.ctypes.data)
     streamed = False
     for s in range(nseg):
         c = _U(0) if rows else c_lo + s % nc
