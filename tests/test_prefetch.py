@@ -88,9 +88,11 @@ def test_memory_sweeps_match_the_oracle_and_thread_counts(dtype, C):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("C", [64, 256])
-def test_memory_relu_sweeps_equal_the_composition(C):
-    x, dy, gamma, beta = _big_case(np.float32, C)
+@pytest.mark.parametrize("dtype, C", _SWEEPS)
+def test_memory_relu_sweeps_equal_the_composition(dtype, C):
+    """Each sweep with ReLU; one row at a time, the rows are masked four at a time and
+    summed in the plain loop's order (a remainder of rows after the groups of four)."""
+    x, dy, gamma, beta = _big_case(dtype, C)
     y, cache, dx, dgamma, dbeta = _run(x, dy, gamma, beta)
     y_relu, _, dx_relu, dgamma_relu, dbeta_relu = _run(x, dy, gamma, beta, activation="relu")
     np.testing.assert_array_equal(y_relu, np.maximum(y, 0))

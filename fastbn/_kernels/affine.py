@@ -14,10 +14,11 @@ the forward call: the mask is the forward's own arithmetic, so it equals ``y > 0
 
 Rows family: a task is ``AFFINE_BLOCK`` whole rows (no per-column state), streamed from
 start to end, or, for rows of ``FOUR_ROWS_FROM`` bytes and more, line by line across up
-to four rows (two for ``dx``), so that a line's coefficients are read once per group. Planes family: a task is ``AFFINE_BLOCK`` outer indices times
-``AFFINE_CHANNELS`` channels, its planes written in memory order (channel by channel,
-short planes one every ``C * inner`` elements ran ~1.7x slower); in a fused plan a task
-is one channel (``fused``).
+to four rows (two for ``dx``), so that a line's coefficients are read once per group.
+Planes family: a task is ``AFFINE_BLOCK`` outer indices times ``AFFINE_CHANNELS``
+channels, its planes written in memory order (channel by channel, short planes one every
+``C * inner`` elements ran ~1.7x slower); in a fused plan a task is one channel
+(``fused``).
 With ``stream`` (outputs of at least ``fastbn._plan.STREAM_BYTES``) a task's whole
 64-byte lines of ``out`` are written by streaming stores (``stream``), its unaligned head
 and tail by ordinary loops; the coefficient arrays extend periodically past ``C`` so

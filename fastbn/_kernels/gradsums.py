@@ -99,6 +99,26 @@ def _gradsums_rows_relu(dy, x, C, r0, r1, c0, c1, mean, s1, s2, rm, rp, rq):
                 g2 * (x[i2 + j] - m[j]) + g3 * (x[i3 + j] - m[j])
             )
         r += _U(4)
+    # one row at a time (from memory): the rows are masked four at a time, each row in
+    # turn (one stream per input, as the plain loop reads them), then summed row after row
+    # in the plain loop's order, the accumulators loaded and stored once per four rows
+    while not four and r + _U(4) <= r1:
+        i0 = r * C + c0
+        for k in range(4):
+            ik = i0 + _U(k) * C
+            g = gm[_U(k) * w :]
+            for j in range(w):
+                g[j] = _dy(dy, x, ik + j, fm[j], fp[j], fq[j])
+        for j in range(w):
+            a1 = acc1[j]
+            a2 = acc2[j]
+            for k in range(4):
+                gk = np.float64(gm[_U(k) * w + j])
+                a1 = add_in_order(a1, gk)
+                a2 = fmuladd(gk, x[i0 + _U(k) * C + j] - m[j], a2)
+            acc1[j] = a1
+            acc2[j] = a2
+        r += _U(4)
     while r < r1:
         i0 = r * C + c0
         for j in range(w):
