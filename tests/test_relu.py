@@ -514,3 +514,28 @@ def test_working_reports_the_channels_it_flags(big):
     assert list(flagged) == ([] if big is None else [channel])
     work64, clamped64 = coefficients.working(np.ones(1), m, p, q, g, dsum, 8.0, True)
     assert not clamped64 and not work64[W_CLAMPED, :C].any()  # float64 storage holds them
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [
+        ((48, 3000), np.float64),  # column chunks of 1024
+        ((37, 1500), np.float64),  # a chunk of 1024 and one of 476
+        ((45, 2100), np.float32),  # chunks of 1024 and 52
+    ],
+)
+def test_wide_rows_relu_equal_the_composition(shape, dtype):
+    """Rows split into column chunks, four rows at a time and a remainder of rows (not a
+    multiple of four): the ReLU rows loops give the composition's gradients bit for bit."""
+    rng = np.random.default_rng(shape[1])
+    x = (0.5 + rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    gamma = (1 + 0.3 * rng.standard_normal(shape[1])).astype(dtype)
+    beta = rng.standard_normal(shape[1]).astype(dtype)
+    y, cache = fastbn.batch_norm(x, gamma, beta)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(dy * (y > 0), cache)
+    y_relu, cache_relu = fastbn.batch_norm(x, gamma, beta, activation="relu")
+    dx_relu, dgamma_relu, dbeta_relu = fastbn.batch_norm_backward(dy, cache_relu)
+    np.testing.assert_array_equal(y_relu, np.maximum(y, 0))
+    for got, want in ((dx_relu, dx), (dgamma_relu, dgamma), (dbeta_relu, dbeta)):
+        np.testing.assert_array_equal(got, want)
