@@ -17,6 +17,8 @@ from .jit import _copy, borrowing, exact, exact_borrowing, jit
 from .layout import W_CLAMPED, W_DY_MEAN, W_DY_SCALE, W_MEAN, W_OFFSET, W_SCALE, WORK_ROWS
 from .stream import LINE, fmuladd
 
+_U = np.uint64  # loop indices: unsigned ones index without Numba's negative-index wraparound
+
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -97,7 +99,7 @@ def new_work(out, C):
 
 @borrowing
 def any_clamped(work, C):
-    for c in range(C):
+    for c in range(_U(C)):
         if work[W_CLAMPED, c] != 0.0:
             return True
     return False
@@ -121,7 +123,7 @@ def working(out, m, p, q, g, dsum, n, center):
     g_w, d_w, flag = work[W_DY_SCALE], work[W_DY_MEAN], work[W_CLAMPED]
     inv_n = 1.0 / n
     unfit = 0
-    for c in range(C):
+    for c in range(_U(C)):
         d = dsum[c] * inv_n if center else 0.0
         m_w[c] = m[c]
         p_w[c] = p[c]
@@ -139,13 +141,16 @@ def working(out, m, p, q, g, dsum, n, center):
                 | (np.isinf(q_w[c]) & np.isfinite(offset))
             )
     if unfit:
-        for c in range(C):
+        for c in range(_U(C)):
             _clamp_channel(m, p, q, g, dsum[c], n, center, c, work)
-    if C:
-        width = work.shape[1]
+    if C:  # doubling copies of the periodic prefix
+        width = _U(work.shape[1])
         for i in range(W_CLAMPED):
             row = work[i]
-            for start in range(C, width, C):
-                for c in range(min(C, width - start)):
-                    row[start + c] = row[c]
+            filled = _U(C)
+            while filled < width:
+                k = min(filled, width - filled)
+                for c in range(k):
+                    row[filled + c] = row[c]
+                filled += k
     return work, unfit != 0

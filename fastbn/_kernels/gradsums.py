@@ -234,10 +234,10 @@ def merge_sums(s1, s2, sum1, sum2):
     """Per-channel sums of block partials, in block order (channels innermost, so the
     loop vectorizes)."""
     nblocks, C = s1.shape
-    for c in range(C):
+    for c in range(_U(C)):
         sum1[c] = s1[0, c]
         sum2[c] = s2[0, c]
     for blk in range(1, nblocks):
-        for c in range(C):
+        for c in range(_U(C)):
             sum1[c] += s1[blk, c]
             sum2[c] += s2[blk, c]

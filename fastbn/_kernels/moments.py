@@ -29,11 +29,12 @@ _U = np.uint64
 def _moments_rows(x, C, r0, r1, c0, c1, s1, s2, shift):
     w = c1 - c0
     first = r0 * C + c0
-    s = np.empty(w)
+    # the task's columns of the outputs are its shift and accumulators (no allocation)
+    s, acc1, acc2 = shift[c0:c1], s1[c0:c1], s2[c0:c1]
     for j in range(w):
         s[j] = x[first + j]
-    acc1 = np.zeros(w)
-    acc2 = np.zeros(w)
+        acc1[j] = 0.0
+        acc2[j] = 0.0
     r = r0
     ahead = prefetching(w, x.itemsize, _U(x.size))
     # else one row at a time (the loop below)
@@ -60,10 +61,6 @@ def _moments_rows(x, C, r0, r1, c0, c1, s1, s2, shift):
             acc1[j] += d0
             acc2[j] += d0 * d0
         r += _U(1)
-    for j in range(w):
-        s1[c0 + j] = acc1[j]
-        s2[c0 + j] = acc2[j]
-        shift[c0 + j] = s[j]
 
 
 @borrowing
@@ -166,7 +163,7 @@ def merge_moments(s1, s2, shift, counts, mean, m2):
     vectorizes: per-block weights are shared by all channels."""
     nblocks, C = s1.shape
     n = counts[0]
-    for c in range(C):
+    for c in range(_U(C)):
         d = s1[0, c] / n
         mean[c] = shift[0, c] + d
         m2[c] = _m2_of_block(s1[0, c], s2[0, c], d)
@@ -175,13 +172,13 @@ def merge_moments(s1, s2, shift, counts, mean, m2):
         tot = n + nb
         w_mean = nb / tot
         w_m2 = n * nb / tot
-        for c in range(C):
+        for c in range(_U(C)):
             d = s1[blk, c] / nb
             delta = (shift[blk, c] + d) - mean[c]
             mean[c] += delta * w_mean
             m2[c] += _m2_of_block(s1[blk, c], s2[blk, c], d) + delta * delta * w_m2
         n = tot
-    for c in range(C):
+    for c in range(_U(C)):
         # m2 may round to a tiny negative for a (nearly) constant channel; keep NaN.
         m2[c] = m2[c] if m2[c] > 0.0 or m2[c] != m2[c] else 0.0
 
@@ -197,6 +194,6 @@ def normalizer(var, gamma, eps, invstd, scale, c):
 def normalizers(var, gamma, eps, invstd, scale):
     """``normalizer`` of every channel, in one loop that vectorizes (square roots and
     divisions are correctly rounded in vector code too: the same bits)."""
-    for c in range(var.shape[0]):
+    for c in range(_U(var.shape[0])):
         invstd[c] = 1.0 / np.sqrt(var[c] + eps)
         scale[c] = invstd[c] * gamma[c]

@@ -25,6 +25,8 @@ from .jit import exact_borrowing, operations
 from .layout import CHANNELS, NBLOCKS, W_DY_MEAN, W_DY_SCALE, W_MEAN, W_OFFSET, W_SCALE
 from .moments import MOMENTS, merge_moments, normalizers
 
+_U = np.uint64  # per-channel loops: unsigned indices (no negative-index wraparound code)
+
 _PASSES = dict(
     moments_pass=MOMENTS,
     gradsums_pass=GRADSUMS,
@@ -92,7 +94,7 @@ def update_running(running, batch, scale, momentum):
     instead of making it NaN and ``momentum=0`` keeps it bit for bit."""
     if momentum == 0.0:
         return
-    for c in range(batch.shape[0]):
+    for c in range(_U(batch.shape[0])):
         value = batch[c] * scale
         if momentum == 1.0:
             running[c] = value
@@ -115,7 +117,7 @@ def _check_variance(stats):
     """False when some variance is not finite; a NaN variance (a NaN or inf in the
     channel) makes that channel's mean NaN too."""
     finite = True
-    for c in range(stats.shape[1]):
+    for c in range(_U(stats.shape[1])):
         if not np.isfinite(stats[2, c]):
             finite = False
             if stats[2, c] != stats[2, c]:
@@ -133,7 +135,7 @@ def _forward_eval(plan, x, y, gamma, beta, eps, stats, stream_bytes, relu):
     C = mean.shape[0]
     scale, offset = np.empty(C), np.empty(C)
     normalizers(var, gamma, eps, invstd, scale)
-    for c in range(C):  # float64 like the backward's q: one compilation of affine_op, not two
+    for c in range(_U(C)):  # float64 like the backward's q: one compilation of affine_op, not two
         offset[c] = beta[c]
     stub = new_work(y, np.int64(0))  # fwork: not read by a forward pass
     no_dy = np.bool_(False)
@@ -174,7 +176,7 @@ def _forward_train(
         if not have_stats:
             moments_op(plan, counts, x, stats)
         n = running[6]
-        for c in range(stats.shape[1]):
+        for c in range(_U(stats.shape[1])):
             stats[2, c] = stats[1, c] / n
     finite = _check_variance(stats)
     running_mean, running_var, momentum, update_mean, update_var, ddof, n = running
@@ -226,12 +228,12 @@ def _backward(
             plan, dy, x, dx, mean, invstd, gamma, n, training, s1, s2, grads, coef, work,
             stream, fwork, relu,
         )  # fmt: skip
-        for c in range(C):
+        for c in range(_U(C)):
             sums[0, c], sums[1, c] = s1[0, c], s2[0, c]
         return not any_clamped(work, C)
     if not have_sums:
         grad_sums_op(plan, dy, x, mean, sums, fwork, relu)
-    for c in range(C):
+    for c in range(_U(C)):
         fused.grad_params(c, sums[0, c], sums[1, c], invstd, gamma, n, training, grads, coef)
     g, p, q = coef[0], coef[1], coef[2]
     if training:
