@@ -143,3 +143,72 @@ def test_split_wide_rows_match_the_reference(shape, dtype, nsplit):
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol)
     np.testing.assert_allclose(dx, dx_ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "outer, C, itemsize",
+    [
+        (128, 512, 4),
+        (256, 256, 4),
+        (64, 1024, 4),
+        (1024, 64, 4),
+        (128, 512, 8),
+        (129, 509, 4),
+        (200, 512, 4),
+    ],  # fmt: skip
+)
+def test_rows_inputs_big_enough_for_threads_get_two_equal_tasks(outer, C, itemsize):
+    """Rows inputs of SERIAL_BELOW elements or more that one or two blocks hold are cut
+    into two blocks (and two elementwise tasks) of equal rows (the first one longer by
+    one for an odd count), so that a parallel target has work for a second thread: not
+    one task ((128, 512)), nor a full one and a remainder ((129, 509): 128 + 1 rows)."""
+    plan = _plan.Plan(outer, C, 1, itemsize)
+    ints = plan.ints
+    assert outer * C >= _plan.SERIAL_BELOW
+    assert ints[layout.NBLOCKS] == 2 and ints[layout.NTASKS] == 2 and plan.parallel
+    assert ints[layout.AFFINE_TASKS] == 2
+    assert ints[layout.BLOCK_LEN] == ints[layout.AFFINE_BLOCK] == -(-outer // 2)
+    assert plan.counts.tolist() == [float(-(-outer // 2)), float(outer // 2)]
+
+
+def test_small_rows_inputs_stay_one_serial_task():
+    plan = _plan.Plan(64, 256, 1, 4)  # below SERIAL_BELOW
+    assert plan.ints[layout.NTASKS] == 1 and not plan.parallel
+    plan = _plan.Plan(4096, 1024, 1, 4)  # many equal blocks already: unchanged
+    assert plan.ints[layout.NBLOCKS] == 32 and plan.ints[layout.BLOCK_LEN] == 128
+    plan = _plan.Plan(1000, 300, 1, 4)  # 218 rows a block: five blocks of 200 instead
+    assert plan.ints[layout.NBLOCKS] == 5 and plan.counts.tolist() == [200.0] * 5
+
+
+@pytest.mark.skipif(fastbn.get_num_threads() < 2, reason="needs 2 threads")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_two_block_inputs_give_the_same_bits_serial_and_parallel(dtype):
+    """(128, 512): the parallel targets run (timed from the first call) and give the bits
+    of the serial ones on one thread; the result matches the float64 reference."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((128, 512)) * 3 + 5).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    gamma = rng.uniform(0.5, 2, 512).astype(dtype)
+    beta = rng.standard_normal(512).astype(dtype)
+
+    def run():
+        y, cache = fastbn.batch_norm(x, gamma, beta)
+        return [a.tobytes() for a in (y, *fastbn.batch_norm_backward(dy, cache))]
+
+    with fastbn.num_threads(1):
+        serial = run()
+    plan = _plan.plan_for(128, 512, 1, x.itemsize)
+    with fastbn._choice.delay(0), fastbn.num_threads(2):
+        for _ in range(4):
+            assert run() == serial
+    assert plan.choices[("forward_train", False, False)].seen[1] > 0
+    assert plan.choices[("backward", False, False)].seen[1] > 0
+    y, cache = fastbn.batch_norm(x, gamma, beta)
+    dx, dgamma, dbeta = fastbn.batch_norm_backward(dy, cache)
+    ry, rcache = fastbn.reference.batch_norm(x.astype(np.float64), gamma, beta)
+    rdx, rdgamma, rdbeta = fastbn.reference.batch_norm_backward(dy.astype(np.float64), rcache)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(y, ry, rtol=tol, atol=tol)
+    np.testing.assert_allclose(dx, rdx, rtol=tol, atol=tol * 10)
+    np.testing.assert_allclose(dgamma, rdgamma, rtol=tol * 10, atol=tol * 10)
+    np.testing.assert_allclose(dbeta, rdbeta, rtol=tol, atol=tol * 10)
