@@ -539,3 +539,30 @@ def test_wide_rows_relu_equal_the_composition(shape, dtype):
     np.testing.assert_array_equal(y_relu, np.maximum(y, 0))
     for got, want in ((dx_relu, dx), (dgamma_relu, dgamma), (dbeta_relu, dbeta)):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(100, 100), (64, 256), (128, 16), (33, 16), (7, 3), (50, 1)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_rows_training_backward_is_the_composition_bit_for_bit(shape, dtype):
+    """Serial rows plans mask ``dy`` once into a scratch array that the plain passes read
+    (``ops._masked_rows``): every output is then the composition's, bit for bit, with
+    ``dy`` holding NaN, inf and signed zeros, row counts not a multiple of the row
+    groups, and pre-activations exactly 0 (beta 0 and x at the mean)."""
+    assert not _plan.Plan(*shape, 1, np.dtype(dtype).itemsize).parallel
+    rng = np.random.default_rng(sum(shape))
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    x[:2] = 1.0  # two equal rows: with the others, pre-activations of all signs
+    dy = rng.standard_normal(shape).astype(dtype)
+    dy.flat[::7] = -0.0
+    dy.flat[3::11] = 0.0
+    dy.flat[5] = np.nan
+    dy.flat[-1] = np.inf
+    C = shape[1]
+    gamma = rng.uniform(0.5, 2.0, C).astype(dtype)
+    beta = np.zeros(C, dtype)
+    beta[::2] = rng.standard_normal(len(beta[::2])).astype(dtype)
+    running = _running(C, dtype, rng)
+    fused = _call(x, gamma, beta, 1, True, running, dy, activation="relu")
+    plain = _call(x, gamma, beta, 1, True, running, dy, activation=None)
+    for got, want in zip(fused, plain):
+        assert got.tobytes() == want.tobytes()
