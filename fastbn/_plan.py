@@ -89,18 +89,20 @@ def stream_threshold(last_level_cache_bytes):
 STREAM_BYTES = stream_threshold(_last_level_cache_bytes())
 
 
-def _balanced(outer, block_len, at_least_two):
-    """Rows per block for ``outer`` rows cut into as many blocks as ``block_len`` gives
-    (at least two when ``at_least_two``), all of the same length but the last, which
-    is shorter by less than one row per block. A parallel-sized input that fits one
-    task had a single task, which left the second thread idle, and one a little larger
-    got a full block and a remainder (``(129, 509)``: 128 rows and 1). Kernels alone,
-    float32, one task serial -> two parallel (2 threads, 2026-12-03), forward /
-    backward: (128, 512) 17.7 -> 17.8 / 26.6 -> 22.5 us, (256, 256) 17.8 -> 16.5 /
-    26.6 -> 21.3, (1024, 64) 17.0 -> 16.9 / 26.8 -> 19.6 (``fastbn._choice`` keeps the
-    serial target where threads wait)."""
-    nblocks = max(2 if at_least_two else 1, -(-outer // block_len))
-    return -(-outer // nblocks)
+def _balanced(outer, block_len):
+    """Rows per block for ``outer`` rows cut into as many blocks as ``block_len`` gives,
+    all of the same length but the last, which is shorter by less than one row per
+    block: a parallel-sized input a little larger than one task got a full block and a
+    remainder (``(129, 509)``: 128 rows and 1), which left the second thread nearly
+    idle. Parallel kernels alone, float32, 2 threads, equal blocks against the old
+    ones (2026-12-03): (200, 512) forward 27.5-33.7 against 32.1-34.9 us, backward
+    37.4-39.1 against 41.8-42.0; (129, 509) backward 26.4-37.4 against 39.1-39.7.
+
+    An input that fits one task keeps one (serial only). Cut in two, (128, 512) float32
+    ran its parallel kernels faster alone (backward 26.6 -> 22.5 us) but slower in
+    ``python -m fastbn bench``, next to torch's threads: forward 43-255 us against 30-31
+    us as one serial task, forward+backward 99-131 against 75-90 (three runs each)."""
+    return -(-outer // max(1, -(-outer // block_len)))
 
 
 class Plan:
@@ -134,9 +136,9 @@ class Plan:
             affine_block, affine_channels = max(1, _TASK_ELEMENTS // max(C, 1)), max(C, 1)
             if outer * C >= SERIAL_BELOW and outer >= 8:
                 # inputs the parallel targets may run: blocks (and elementwise tasks) of
-                # equal rows, at least two (see _balanced)
-                block_len = _balanced(outer, block_len, nsplit == 1)
-                affine_block = _balanced(outer, affine_block, True)
+                # equal rows (see _balanced)
+                block_len = _balanced(outer, block_len)
+                affine_block = _balanced(outer, affine_block)
         else:
             split_width = 1
             nsplit = C

@@ -146,50 +146,54 @@ def test_split_wide_rows_match_the_reference(shape, dtype, nsplit):
 
 
 @pytest.mark.parametrize(
-    "outer, C, itemsize",
-    [
-        (128, 512, 4),
-        (256, 256, 4),
-        (64, 1024, 4),
-        (1024, 64, 4),
-        (128, 512, 8),
-        (129, 509, 4),
-        (200, 512, 4),
-    ],  # fmt: skip
+    "outer, C, itemsize, blocks",
+    [(129, 509, 4, 2), (200, 512, 4, 2), (1000, 300, 4, 5), (300, 1000, 4, 5), (201, 512, 8, 2)],
 )
-def test_rows_inputs_big_enough_for_threads_get_two_equal_tasks(outer, C, itemsize):
-    """Rows inputs of SERIAL_BELOW elements or more that one or two blocks hold are cut
-    into two blocks (and two elementwise tasks) of equal rows (the first one longer by
-    one for an odd count), so that a parallel target has work for a second thread: not
-    one task ((128, 512)), nor a full one and a remainder ((129, 509): 128 + 1 rows)."""
+def test_parallel_sized_rows_inputs_get_blocks_of_equal_rows(outer, C, itemsize, blocks):
+    """Rows inputs of SERIAL_BELOW elements or more get as many blocks as before, of equal
+    rows (the last shorter by less than one row per block), not a full block and a
+    remainder ((129, 509): 128 + 1 rows); their elementwise tasks too."""
     plan = _plan.Plan(outer, C, 1, itemsize)
     ints = plan.ints
-    assert outer * C >= _plan.SERIAL_BELOW
-    assert ints[layout.NBLOCKS] == 2 and ints[layout.NTASKS] == 2 and plan.parallel
-    assert ints[layout.AFFINE_TASKS] == 2
-    assert ints[layout.BLOCK_LEN] == ints[layout.AFFINE_BLOCK] == -(-outer // 2)
-    assert plan.counts.tolist() == [float(-(-outer // 2)), float(outer // 2)]
+    assert outer * C >= _plan.SERIAL_BELOW and plan.parallel
+    assert ints[layout.NBLOCKS] == blocks == ints[layout.NTASKS]
+    assert ints[layout.BLOCK_LEN] == -(-outer // blocks)
+    assert plan.counts.sum() == outer and plan.counts.max() - plan.counts.min() < blocks
+    tasks = ints[layout.AFFINE_TASKS]
+    assert ints[layout.AFFINE_BLOCK] == -(-outer // tasks)
+    assert tasks * ints[layout.AFFINE_BLOCK] - outer < tasks
 
 
-def test_small_rows_inputs_stay_one_serial_task():
-    plan = _plan.Plan(64, 256, 1, 4)  # below SERIAL_BELOW
-    assert plan.ints[layout.NTASKS] == 1 and not plan.parallel
-    plan = _plan.Plan(4096, 1024, 1, 4)  # many equal blocks already: unchanged
+@pytest.mark.parametrize(
+    "outer, C",
+    [(64, 256), (128, 512), (256, 256), (64, 1024), (1024, 64)],
+)
+def test_rows_inputs_of_one_task_stay_serial(outer, C):
+    """Below SERIAL_BELOW elements, or exactly one task of them: one serial task (cut in
+    two, (128, 512) ran slower next to torch's threads, see ``_plan._balanced``)."""
+    plan = _plan.Plan(outer, C, 1, 4)
+    assert plan.ints[layout.NTASKS] == 1 and plan.ints[layout.AFFINE_TASKS] == 1
+    assert not plan.parallel
+
+
+def test_equal_blocks_leave_plans_with_equal_blocks_unchanged():
+    plan = _plan.Plan(4096, 1024, 1, 4)
     assert plan.ints[layout.NBLOCKS] == 32 and plan.ints[layout.BLOCK_LEN] == 128
-    plan = _plan.Plan(1000, 300, 1, 4)  # 218 rows a block: five blocks of 200 instead
-    assert plan.ints[layout.NBLOCKS] == 5 and plan.counts.tolist() == [200.0] * 5
+    plan = _plan.Plan(65536, 256, 1, 4)
+    assert plan.ints[layout.NBLOCKS] == 64 and plan.ints[layout.BLOCK_LEN] == 1024
 
 
 @pytest.mark.skipif(fastbn.get_num_threads() < 2, reason="needs 2 threads")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_two_block_inputs_give_the_same_bits_serial_and_parallel(dtype):
-    """(128, 512): the parallel targets run (timed from the first call) and give the bits
-    of the serial ones on one thread; the result matches the float64 reference."""
+def test_equal_blocks_give_the_same_bits_serial_and_parallel(dtype):
+    """(129, 509), two blocks of 65 and 64 rows: the parallel targets run (timed from
+    the first call) and give the bits of the serial ones on one thread; the result
+    matches the float64 reference."""
     rng = np.random.default_rng(11)
-    x = (rng.standard_normal((128, 512)) * 3 + 5).astype(dtype)
+    x = (rng.standard_normal((129, 509)) * 3 + 5).astype(dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
-    gamma = rng.uniform(0.5, 2, 512).astype(dtype)
-    beta = rng.standard_normal(512).astype(dtype)
+    gamma = rng.uniform(0.5, 2, 509).astype(dtype)
+    beta = rng.standard_normal(509).astype(dtype)
 
     def run():
         y, cache = fastbn.batch_norm(x, gamma, beta)
@@ -197,7 +201,7 @@ def test_two_block_inputs_give_the_same_bits_serial_and_parallel(dtype):
 
     with fastbn.num_threads(1):
         serial = run()
-    plan = _plan.plan_for(128, 512, 1, x.itemsize)
+    plan = _plan.plan_for(129, 509, 1, x.itemsize)
     with fastbn._choice.delay(0), fastbn.num_threads(2):
         for _ in range(4):
             assert run() == serial

@@ -563,6 +563,7 @@ def test_small_rows_training_backward_is_the_composition_bit_for_bit(shape, dtyp
     beta[::2] = rng.standard_normal(len(beta[::2])).astype(dtype)
     running = _running(C, dtype, rng)
     fused = _call(x, gamma, beta, 1, True, running, dy, activation="relu")
-    plain = _call(x, gamma, beta, 1, True, running, dy, activation=None)
+    with np.errstate(invalid="ignore"):  # the composition's inf * 0 (NaN, as fused)
+        plain = _call(x, gamma, beta, 1, True, running, dy, activation=None)
     for got, want in zip(fused, plain):
         assert got.tobytes() == want.tobytes()
