@@ -134,7 +134,7 @@ class Plan:
             max_blocks = max(1, min(_MAX_BLOCKS, _MAX_PARTIALS // max(C, 1)))
             block_len = max(4, _TASK_ELEMENTS // max(split_width, 1), -(-outer // max_blocks))
             affine_block, affine_channels = max(1, _TASK_ELEMENTS // max(C, 1)), max(C, 1)
-            if outer * C >= SERIAL_BELOW and outer >= 8:
+            if outer * C >= SERIAL_BELOW:
                 # inputs the parallel targets may run: blocks (and elementwise tasks) of
                 # equal rows (see _balanced)
                 block_len = _balanced(outer, block_len)

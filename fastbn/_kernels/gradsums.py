@@ -5,8 +5,8 @@ With ``relu`` (batch norm fused with a ReLU), ``dy`` is first masked where the f
 pre-activation ``(x - rm) * rp + rq`` (storage dtype, the forward's coefficients: rows
 of ``fwork``, see ``affine``) is not positive, ``dy * (pre > 0)``; the sums are then
 those of the masked ``dy``, in the same order as for an unmasked one. The ``*_relu``
-loops are the plain ones with ``dy`` masked first (``_dy``): separate loops, so that the
-plain ones stay as they are."""
+loops are the plain ones with ``dy`` masked first (``masked_dy_at``): separate loops, so
+that the plain ones stay as they are."""
 
 import numba
 import numpy as np
@@ -22,7 +22,7 @@ ROWS = True  # False in the planes-only copies (see jit.planes_only)
 
 
 @inline
-def _dy(dy, x, i, rmc, rpc, rqc):
+def masked_dy_at(dy, x, i, rmc, rpc, rqc):
     """``dy[i]`` masked by its forward pre-activation."""
     return masked(fmuladd(x[i] - rmc, rpc, rqc), dy[i])
 
@@ -86,7 +86,7 @@ def _gradsums_rows_relu(dy, x, C, r0, r1, c0, c1, mean, s1, s2, rm, rp, rq):
             ik = i0 + _U(k) * C
             g = gm[_U(k) * w :]
             for j in range(w):
-                g[j] = _dy(dy, x, ik + j, fm[j], fp[j], fq[j])
+                g[j] = masked_dy_at(dy, x, ik + j, fm[j], fp[j], fq[j])
         for j in range(w):  # as in _gradsums_rows
             g0 = np.float64(gm[j])
             g1 = np.float64(gm[w + j])
@@ -108,7 +108,7 @@ def _gradsums_rows_relu(dy, x, C, r0, r1, c0, c1, mean, s1, s2, rm, rp, rq):
             ik = i0 + _U(k) * C
             g = gm[_U(k) * w :]
             for j in range(w):
-                g[j] = _dy(dy, x, ik + j, fm[j], fp[j], fq[j])
+                g[j] = masked_dy_at(dy, x, ik + j, fm[j], fp[j], fq[j])
         for j in range(w):
             a1 = acc1[j]
             a2 = acc2[j]
@@ -122,7 +122,7 @@ def _gradsums_rows_relu(dy, x, C, r0, r1, c0, c1, mean, s1, s2, rm, rp, rq):
     while r < r1:
         i0 = r * C + c0
         for j in range(w):
-            gm[j] = _dy(dy, x, i0 + j, fm[j], fp[j], fq[j])
+            gm[j] = masked_dy_at(dy, x, i0 + j, fm[j], fp[j], fq[j])
         for j in range(w):
             g0 = np.float64(gm[j])
             acc1[j] += g0
@@ -182,10 +182,10 @@ def _gradsums_planes_relu(dy, x, C, inner, o0, o1, c, mean, s1, s2, rm, rp, rq):
         q1 = 0.0
         q2 = 0.0
         for i in range(inner):
-            g = np.float64(_dy(dy, x, base + i, rmc, rpc, rqc))
+            g = np.float64(masked_dy_at(dy, x, base + i, rmc, rpc, rqc))
             p1 += g
             p2 += g * (x[base + i] - m)
-            h = np.float64(_dy(dy, x, other + i, rmc, rpc, rqc))
+            h = np.float64(masked_dy_at(dy, x, other + i, rmc, rpc, rqc))
             q1 += h
             q2 += h * (x[other + i] - m)
         acc1 += p1
