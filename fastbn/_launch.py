@@ -197,37 +197,40 @@ def grad_sums(plan, dy, x, mean):
     return sums
 
 
-def backward(plan, dy, x, dx, mean, invstd, gamma, training, n=None, sums=None, fwork=None):
-    """Write flat ``dx``; return float64 ``(dgamma, dbeta)`` (before any dtype cast) and
-    the gradient sums used: ``sums`` when given (with ``n`` values per channel, e.g.
-    summed over processes), else those of ``dy``. ``fwork``: the forward's coefficients
-    of a ReLU-fused forward (``fastbn._activation``); ``dy`` is then masked where the
-    forward's pre-activation was not positive."""
+def backward(plan, dy, x, dx, stats, gamma, training, n=None, sums=None, fwork=None):
+    """Write flat ``dx``, with the forward's float64 ``(4, C)`` statistics ``stats`` (mean
+    and invstd in rows 0 and 3); return float64 ``(dgamma, dbeta)`` (before any dtype
+    cast) and the gradient sums used: ``sums`` when given (with ``n`` values per channel,
+    e.g. summed over processes), else those of ``dy``. ``fwork``: the forward's
+    coefficients of a ReLU-fused forward (``fastbn._activation``); ``dy`` is then masked
+    where the forward's pre-activation was not positive."""
     have_sums = sums is not None
-    sums = np.array(sums, np.float64) if have_sums else np.empty((2, plan.C))
+    grads = np.empty((4, plan.C))  # dgamma, dbeta, then the gradient sums
+    if have_sums:
+        grads[2:] = sums
     n = plan.count if n is None else float(n)
     gamma = _param(gamma, plan.ones)
     training = bool(training)
-    grads = _backward(plan, dy, x, dx, mean, invstd, gamma, n, training, sums, have_sums, fwork)
-    return grads[0], grads[1], sums
+    grads = _backward(plan, dy, x, dx, stats, gamma, n, training, grads, have_sums, fwork)
+    return grads[0], grads[1], grads[2:]
 
 
-def backward_quick(plan, dy, x, dx, mean, invstd, gamma, training, fwork):
-    """``backward`` without given sums, for a cache's ``gamma`` (None or the snapshot,
-    already as kernels read it) and ``training`` a bool: returns the float64 ``(2, C)``
-    array of ``(dgamma, dbeta)``."""
+def backward_quick(plan, dy, x, dx, stats, gamma, training, fwork):
+    """``backward`` without given sums, for a cache's ``stats`` and ``gamma`` (None or the
+    snapshot, already as kernels read it) and ``training`` a bool: returns the float64
+    ``(4, C)`` array whose rows 0 and 1 are ``(dgamma, dbeta)``."""
     if gamma is None:
         gamma = plan.ones
-    sums, n = np.empty((2, plan.C)), plan.count
-    return _backward(plan, dy, x, dx, mean, invstd, gamma, n, training, sums, False, fwork)
+    grads = np.empty((4, plan.C))
+    return _backward(plan, dy, x, dx, stats, gamma, plan.count, training, grads, False, fwork)
 
 
-def _backward(plan, dy, x, dx, mean, invstd, gamma, n, training, sums, have_sums, fwork):
-    """The backward kernel (see ``backward``); redoes ``dx`` in float64 when its
-    coefficients do not fit float32. Returns ``grads`` (float64 ``(2, C)``)."""
-    grads = np.empty((2, plan.C))
+def _backward(plan, dy, x, dx, stats, gamma, n, training, grads, have_sums, fwork):
+    """The backward kernel (see ``backward``) into ``grads`` (float64 ``(4, C)``: dgamma,
+    dbeta, and the gradient sums, given when ``have_sums``); redoes ``dx`` in float64 when
+    its coefficients do not fit float32. Returns ``grads``."""
     relu = fwork is not None
-    args = (plan.ints, dy, x, dx, mean, invstd, gamma, n, training, grads, sums, have_sums)
+    args = (plan.ints, dy, x, dx, stats, gamma, n, training, grads, have_sums)
     args += (_plan.STREAM_BYTES, fwork if relu else _NO_FWORK[x.dtype.char], int(relu))
     fused = plan.fused and not have_sums
     if plan.parallel:
@@ -238,7 +241,8 @@ def _backward(plan, dy, x, dx, mean, invstd, gamma, n, training, sums, have_sums
         return grads
     if relu:  # redo as the composition, whose float64 path follows
         dy = _activation.masked_dy(plan, dy, x, fwork)
-        return _backward(plan, dy, x, dx, mean, invstd, gamma, n, training, sums, have_sums, None)
+        return _backward(plan, dy, x, dx, stats, gamma, n, training, grads, have_sums, None)
+    mean, invstd = stats[0], stats[3]
     g = gamma * invstd
     if training:  # the coefficients of fused.grad_params
         p, q = -g * invstd * (grads[0] / n), -g * (grads[1] / n)

@@ -56,6 +56,6 @@ def backward_with_sums(plan, dy, cache, dx, sums):
     if dy.size == 0:
         sums = np.zeros((2, plan.C)) if sums is None else sums
         return sums[1] * cache.invstd, sums[0].copy()
-    args = (plan, dy, cache.x_flat, dx, cache.mean, cache.invstd, cache.gamma, True)
+    args = (plan, dy, cache.x_flat, dx, cache.stats, cache.gamma, True)
     dgamma, dbeta, _ = _launch.backward(*args, n=n, sums=sums)
     return dgamma, dbeta

@@ -298,8 +298,7 @@ def batch_norm_backward(dy, cache, *, out=None, sums=None):
             dy_flat,
             cache.x_flat,
             dx_flat,
-            cache.mean,
-            cache.invstd,
+            cache.stats,
             cache.gamma,
             cache.training,
             fwork=fwork,
@@ -417,10 +416,9 @@ def _backward_quick(dy, cache, out):
     dy_flat, fwork = view.quick_flat(dy), None
     if cache.activation is not None:
         dy_flat, fwork = _activation.backward_inputs(cache, dy_flat)
-    stats = cache.stats
     grads = _launch.backward_quick(
-        view.plan, dy_flat, cache.x_flat, dx_flat, stats[0], stats[3], cache.gamma,
-        cache.training, fwork,
+        view.plan, dy_flat, cache.x_flat, dx_flat, cache.stats, cache.gamma, cache.training,
+        fwork,
     )  # fmt: skip
     gamma_dtype, beta_dtype = cache.gamma_dtype, cache.beta_dtype
     if gamma_dtype is beta_dtype and gamma_dtype is not None and gamma_dtype is not _FLOAT64:

@@ -241,16 +241,18 @@ def _masked_rows(dy, x, out, rm, rp, rq, C):
 
 
 def _backward(
-    plan, dy, x, dx, mean, invstd, gamma, n, training, grads, sums, have_sums, stream_bytes,
-    fwork, relu,
+    plan, dy, x, dx, stats, gamma, n, training, grads, have_sums, stream_bytes, fwork, relu
 ):  # fmt: skip
-    """``dx``, and ``grads`` = (dgamma, dbeta) = (``sums[1] * invstd``, ``sums[0]``) from
-    the gradient sums of ``dy`` (``have_sums``: the given ``sums``, e.g. summed over
-    processes; ``n`` is then their number of values per channel). ``relu`` (0 or 1):
-    ``dy`` is masked where the forward pre-activation, from the forward's coefficients
-    ``fwork``, is not positive (see ``affine``). Returns False when ``dx`` must be redone
-    in float64 (see ``coefficients``)."""
+    """``dx``, and ``grads[0:2]`` = (dgamma, dbeta) = (``sums[1] * invstd``, ``sums[0]``)
+    from the gradient sums ``sums = grads[2:4]`` of ``dy`` (``have_sums``: the ones given
+    there, e.g. summed over processes; ``n`` is then their number of values per channel),
+    with ``mean = stats[0]``, ``invstd = stats[3]`` (the forward's ``(4, C)`` statistics:
+    one array argument for the four rows, no views made per call in Python). ``relu`` (0
+    or 1): ``dy`` is masked where the forward pre-activation, from the forward's
+    coefficients ``fwork``, is not positive (see ``affine``). Returns False when ``dx``
+    must be redone in float64 (see ``coefficients``)."""
     C = plan[CHANNELS]
+    mean, invstd, sums = stats[0], stats[3], grads[2:4]
     coef = np.empty((3, C))  # g, p, q of dx = dy * g + (x - mean) * p + q
     if FUSED:  # sums and dx, channel by channel (have_sums is False)
         stream = dx.size * dx.itemsize >= stream_bytes
