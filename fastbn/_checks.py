@@ -10,6 +10,7 @@ import numbers
 import numpy as np
 
 from . import _memory
+from ._kernels.moments import any_negative
 from ._view import (
     _COMPUTE,
     _FLOAT32,
@@ -123,6 +124,14 @@ def check_running_var(var, name="running_var"):
             f"{name} must be >= 0, got negative values at channels {bad[:8].tolist()}"
             f"{' ...' if bad.size > 8 else ''} (e.g. {float(var[bad[0]])!r})"
         )
+
+
+def check_native_running_var(var):
+    """``check_running_var`` for a native float32 or float64 1-D ``var`` (the quick paths'):
+    a compiled loop looks for a negative value; only then does NumPy's check run (and
+    raise its error)."""
+    if any_negative(var):
+        check_running_var(var)
 
 
 def _real(value):
@@ -315,7 +324,7 @@ def quick_view(
         return None
     if not (momentum is None or (type(momentum) in _FLOATS and 0.0 <= momentum <= 1.0)):
         return None
-    check_running_var(running_var)
+    check_native_running_var(running_var)
     return view
 
 

@@ -35,6 +35,9 @@ _ENV = "FASTBN_QUIET_COMPILE"
 # ones. A guide for the user, not a promise; update it when the kernels change.
 _ESTIMATE_SECONDS = {"forward_train": 5, "backward": 3, "forward_eval": 2}
 _DEFAULT_ESTIMATE = 5
+# Helpers that Python calls directly and that compile in a fraction of a second: a line
+# for them would only add noise before the operation's own.
+_UNANNOUNCED = frozenset({"any_negative"})
 
 
 def _quiet_from_environment():
@@ -123,7 +126,7 @@ def _on_start(data):
     if not _is_fastbn(dispatcher):
         return
     _local.depth = 1
-    if not _state["enabled"]:
+    if not _state["enabled"] or dispatcher.py_func.__name__ in _UNANNOUNCED:
         return
     key = _describe(dispatcher, data.get("args") or ())
     if key in _printed:

@@ -359,7 +359,7 @@ def call_again(
     ``view``'s dtype, C-contiguous and writable when validated: the kernels read them
     as they are; ``out`` None or an array that ``_checks.plain_out`` accepts for ``x``).
     Skips every check: in eval mode the caller checks ``running_var``'s values first
-    (``_checks.check_running_var``: a negative one raises ``batch_norm``'s error before
+    (``_checks.check_native_running_var``: a negative one raises ``batch_norm``'s error before
     anything is written). The layer's path for repeated calls.
 
     ``reuse``: None, or a cache that this function returned for an earlier call of the

@@ -122,7 +122,7 @@ class BatchNorm:
             if momentum is None:
                 momentum = 1.0 / (self.num_batches_tracked + 1)
             if not self.training:  # the one check that values can fail, before any change
-                _checks.check_running_var(self.running_var)
+                _checks.check_native_running_var(self.running_var)
             # the call refills the cache of this path's last call of the same view (only
             # the layer refers to it)
             own = self._cache

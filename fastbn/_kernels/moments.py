@@ -10,7 +10,7 @@ of squared deviations).
 import numba
 import numpy as np
 
-from .jit import borrowing, drivers, exact_borrowing, jit, planes_only
+from .jit import borrowing, drivers, exact, exact_borrowing, jit, planes_only
 from .layout import CHANNELS, INNER, NTASKS
 from .partition import (
     MOMENTS_ONE_ROW_FROM,
@@ -181,6 +181,17 @@ def merge_moments(s1, s2, shift, counts, mean, m2):
     for c in range(_U(C)):
         # m2 may round to a tiny negative for a (nearly) constant channel; keep NaN.
         m2[c] = m2[c] if m2[c] > 0.0 or m2[c] != m2[c] else 0.0
+
+
+@exact
+def any_negative(values):
+    """True when some value of the 1-D array is below zero (NaN is not): the quick paths'
+    check of a running variance in eval mode, one compiled loop where NumPy's reduction
+    cost ~1.1 us at 100 channels (most of it the reduction's fixed cost)."""
+    for i in range(_U(values.shape[0])):
+        if values[i] < 0.0:
+            return True
+    return False
 
 
 @exact_borrowing
