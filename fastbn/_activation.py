@@ -48,7 +48,7 @@ def backward_inputs(cache, dy_flat):
     fwork = cache.fwork
     plan = cache.view.plan
     # float64 coefficients always fit float64 storage: only float32 ones can be clamped
-    if fwork.itemsize == 8 or not coefficients.any_clamped(fwork, plan.C):
+    if fwork.itemsize == 8 or not coefficients.any_clamped(fwork, plan.columns):
         return dy_flat, fwork
     from ._launch import _affine_float64  # the forward's float64 pass (imports this module)
 
@@ -64,7 +64,7 @@ def masked_dy(plan, dy, x, fwork):
     from ._launch import _call  # (imports this module)
 
     out = np.empty_like(dy)
-    zeros, ones = np.zeros(plan.C), np.ones(plan.C)
+    zeros, ones = np.zeros(plan.columns), np.ones(plan.columns)  # per kernel column
     coef = (zeros, zeros, zeros, ones, zeros, 1.0, True, 1 << 62, fwork, 2)
     args = (plan.ints, x, dy, out) + coef
     _call(plan, "affine", False, True, args)

@@ -86,6 +86,7 @@ LAYOUTS = {
     "ND": ((67, 13), 1, None),
     "NCL": ((9, 6, 23), 1, None),
     "NCHW": ((5, 7, 6, 9), 1, None),
+    "NCHW_2x2": ((16, 8, 2, 2), 1, None),  # tiny planes (fastbn._plan.TINY_PLANE_BYTES)
     "NHWC": ((5, 6, 9, 7), -1, None),
     "NCHW_channels_last_memory": ((5, 7, 6, 9), 1, "channels_last"),
     "axis0": ((11, 8, 5), 0, None),
@@ -117,8 +118,11 @@ ODD_LAYOUTS = {
     "one_channel_nchw": ((4, 1, 3, 3), 1, "channels_last", False),
     "many_channels_n2": ((2, 70001), 1, "fortran", True),
     "n_times_inner_2_rows": ((2, 6), 1, "reverse_all", True),
-    "n_times_inner_2_planes": ((1, 6, 2), 1, "fortran", True),
-    "n_times_inner_2_axis0": ((6, 2), 0, "fortran", True),
+    # (1, 6, 2) folds into rows of 12 columns; its Fortran copy is (2, 6) rows
+    "n_times_inner_2_planes": ((1, 6, 2), 1, "fortran", False),
+    # (6, 2) on axis 0 is (1, 6, 2), tiny planes folded into rows of 12 columns
+    # (_plan.TINY_PLANE_BYTES); its Fortran copy is (2, 6) rows: another order
+    "n_times_inner_2_axis0": ((6, 2), 0, "fortran", False),
 }
 
 # -- shapes that reach each kernel family and driver: (shape, channel axis[, relayout]) ----
@@ -130,6 +134,9 @@ FAMILIES = {
     "planes_small": ((3, 5, 7), 1),
     "planes_parallel": ((4, 5, 20000), 1),
     "channels_last": ((6, 7, 5), -1),
+    # tiny planes, seen by the kernels as rows of C * inner columns (_plan.TINY_PLANE_BYTES)
+    "tiny_planes_small": ((6, 5, 2, 2), 1),
+    "tiny_planes_parallel": ((4096, 8, 2, 2), 1),
 }
 
 # both families' parallel drivers (several tasks, above the serial threshold), plus one
@@ -141,6 +148,7 @@ DRIVER_SHAPES = [
     ((40, 16, 16, 8), -1, None),  # channels-last, rows, 2 blocks
     ((16, 3, 40, 40), 1, "channels_last"),  # NCHW with NHWC memory: rows, 2 blocks
     ((24, 5), 1, None),  # small: serial kernels
+    ((2048, 16, 3, 3), 1, None),  # tiny planes folded into rows of 144 columns, 2 blocks
 ]
 
 # -- random inputs, the float64 oracle and tolerances ---------------------------------------

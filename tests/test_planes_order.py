@@ -14,7 +14,7 @@ from fastbn._kernels import affine, layout
 
 PLANS = [
     (32, 16, 64, 4),  # small, short planes: two-pass, one task
-    (256, 64, 4, 4),
+    (256, 64, 4, 4),  # tiny planes: rows of 256 columns
     (8, 16, 256, 4),  # small, 1 KiB planes: fused
     (64, 64, 4096, 4),  # large planes: two-pass, 16 channels per task
     (40, 24, 5000, 8),  # chunks of 13 channels, the last one shorter
@@ -30,6 +30,8 @@ PLANS = [
 def test_elementwise_tasks_cover_every_plane_once(shape):
     outer, C, inner, itemsize = shape
     plan = _plan.Plan(outer, C, inner, itemsize)
+    if plan.fold > 1:  # tiny planes: the kernels see rows of C * inner columns
+        C, inner = plan.columns, 1
     ints = plan.ints
     seen = np.zeros((outer, C), np.int64)
     for t in range(ints[layout.AFFINE_TASKS]):
@@ -46,10 +48,10 @@ def test_elementwise_tasks_cover_every_plane_once(shape):
 def test_small_short_planes_take_the_two_pass_path():
     assert not _plan.Plan(32, 16, 64, 4).fused  # NCHW (32, 16, 8, 8) float32
     assert not _plan.Plan(32, 64, 16, 4).fused  # (32, 64, 4, 4): 64-byte planes
-    assert _plan.Plan(512, 16, 4, 4).fused  # tinier planes (2x2 float32) stay fused
     assert _plan.Plan(8, 16, 256, 4).fused  # 1 KiB planes
     assert _plan.Plan(16, 64, 64, 4).fused  # parallel-sized
-    assert _plan.Plan(256, 64, 4, 4).fused
+    # tinier planes (2x2 float32) are neither: rows of C * inner columns (test_tiny_planes)
+    assert not _plan.Plan(512, 16, 4, 4).fused and _plan.Plan(512, 16, 4, 4).fold == 4
 
 
 def _call(x, dy, training, activation, out, rng):

@@ -311,7 +311,7 @@ def test_nan_in_dy_stays_nan():
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("shape", [(512, 6), (64, 6, 40), (4, 6, 70000)])
+@pytest.mark.parametrize("shape", [(512, 6), (64, 6, 40), (4, 6, 70000), (512, 6, 2, 2)])
 def test_coefficients_beyond_float32(shape, training):
     """gamma * invstd above 3.4e38: the forward redoes its pass in float64 (so must the
     ReLU) and backward takes its mask from that pass's output."""
@@ -332,7 +332,9 @@ def test_coefficients_beyond_float32(shape, training):
     assert np.abs(y[:, 0]).max() > 1e35 and np.isfinite(y).all()
 
 
-@pytest.mark.parametrize("shape", [(512, 6), (64, 6, 40)], ids=["rows", "planes"])
+@pytest.mark.parametrize(
+    "shape", [(512, 6), (64, 6, 40), (64, 6, 2, 2)], ids=["rows", "planes", "tiny_planes"]
+)
 def test_backward_coefficients_beyond_float32(shape):
     """Forward coefficients that fit float32 but a backward one that does not (channel 0:
     variance 1e-10, gamma 1e32, so gamma * invstd = 1e37 but gamma * invstd**2 * dgamma / n

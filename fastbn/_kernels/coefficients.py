@@ -97,6 +97,19 @@ def new_work(out, C):
     return np.empty((WORK_ROWS, C + spare_columns(C, out.itemsize)), out.dtype)
 
 
+@exact
+def repeated(a, fold):
+    """A new float64 array with each value of ``a`` ``fold`` times in a row: per-channel
+    coefficients as the columns of a folded plan read them (see
+    ``fastbn._plan.TINY_PLANE_BYTES``)."""
+    f = _U(fold)
+    out = np.empty(a.shape[0] * fold)
+    for c in range(_U(a.shape[0])):
+        for e in range(f):
+            out[c * f + e] = a[c]
+    return out
+
+
 @borrowing
 def any_clamped(work, C):
     for c in range(_U(C)):

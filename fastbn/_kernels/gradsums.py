@@ -241,3 +241,19 @@ def merge_sums(s1, s2, sum1, sum2):
         for c in range(_U(C)):
             sum1[c] += s1[blk, c]
             sum2[c] += s2[blk, c]
+
+
+@borrowing
+def fold_sums(col1, col2, fold, sum1, sum2):
+    """Channel ``c``'s sums from those of its ``fold`` columns ``c * fold`` to ``c * fold +
+    fold - 1`` of a folded plan (see ``fastbn._plan.TINY_PLANE_BYTES``), in column order."""
+    f = _U(fold)
+    for c in range(_U(sum1.shape[0])):
+        j = c * f
+        a = col1[j]
+        b = col2[j]
+        for e in range(_U(1), f):
+            a += col1[j + e]
+            b += col2[j + e]
+        sum1[c] = a
+        sum2[c] = b

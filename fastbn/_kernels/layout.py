@@ -24,8 +24,9 @@ import numpy as np
     AFFINE_BLOCK,  # outer indices (whole rows, or rows of planes) per elementwise task
     AFFINE_TASKS,
     AFFINE_CHANNELS,  # channels per elementwise task (planes family; C for rows)
-) = range(13)
-PLAN_SIZE = 13
+    FOLD,  # 1, or inner for tiny planes seen as rows of CHANNELS = C * inner columns
+) = range(14)
+PLAN_SIZE = 14
 
 # -- work: per-channel coefficients of ``(x - m) * p + q (+ (dy - d) * g)`` ------------------
 (

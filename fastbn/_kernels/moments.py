@@ -183,6 +183,28 @@ def merge_moments(s1, s2, shift, counts, mean, m2):
         m2[c] = m2[c] if m2[c] > 0.0 or m2[c] != m2[c] else 0.0
 
 
+@exact_borrowing
+def fold_moments(col_mean, col_m2, n_col, fold, mean, m2):
+    """Channel ``c``'s ``mean`` and ``m2`` from those of its ``fold`` columns ``c * fold``
+    to ``c * fold + fold - 1`` of a folded plan (tiny planes seen as rows, see
+    ``fastbn._plan.TINY_PLANE_BYTES``), each of ``n_col`` values: Chan's merge in column
+    order (the formula of ``merge_channel``)."""
+    f = _U(fold)
+    for c in range(_U(mean.shape[0])):
+        j = c * f
+        mu = col_mean[j]
+        s = col_m2[j]
+        n = n_col
+        for e in range(_U(1), f):
+            tot = n + n_col
+            delta = col_mean[j + e] - mu
+            mu += delta * (n_col / tot)
+            s += col_m2[j + e] + delta * delta * (n * n_col / tot)
+            n = tot
+        mean[c] = mu
+        m2[c] = s if s > 0.0 or s != s else 0.0
+
+
 @exact
 def any_negative(values):
     """True when some value of the 1-D array is below zero (NaN is not): the quick paths'

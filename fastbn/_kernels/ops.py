@@ -19,13 +19,15 @@ import numpy as np
 
 from . import fused
 from .affine import AFFINE
-from .coefficients import any_clamped, new_work, row_group, working
-from .gradsums import GRADSUMS, masked_dy_at, merge_sums
+from .coefficients import any_clamped, new_work, repeated, row_group, working
+from .gradsums import GRADSUMS, fold_sums, masked_dy_at, merge_sums
 from .jit import borrowing, exact_borrowing, operations
 from .layout import (
     CHANNELS,
+    FOLD,
     INNER,
     NBLOCKS,
+    OUTER,
     PARALLEL,
     W_DY_MEAN,
     W_DY_SCALE,
@@ -33,7 +35,7 @@ from .layout import (
     W_OFFSET,
     W_SCALE,
 )
-from .moments import MOMENTS, merge_moments, normalizers
+from .moments import MOMENTS, fold_moments, merge_moments, normalizers
 
 _U = np.uint64  # per-channel loops: unsigned indices (no negative-index wraparound code)
 
@@ -77,11 +79,17 @@ affine_op = _register(_affine)
 
 def _moments(plan, counts, x, stats):
     """Per-channel mean and m2 of ``x`` into ``stats[0:2]`` (the statistics pass and
-    its merge, without the variance)."""
+    its merge, without the variance; a folded plan's columns then merged per channel)."""
     shape = (plan[NBLOCKS], plan[CHANNELS])
     s1, s2, shift = np.empty(shape), np.empty(shape), np.empty(shape)
     moments_pass(plan, x, s1, s2, shift)
-    merge_moments(s1, s2, shift, counts, stats[0], stats[1])
+    if plan[FOLD] > 1:  # tiny planes seen as rows (fastbn._plan.TINY_PLANE_BYTES)
+        columns = np.empty((2, plan[CHANNELS]))
+        merge_moments(s1, s2, shift, counts, columns[0], columns[1])
+        n_col = np.float64(plan[OUTER])
+        fold_moments(columns[0], columns[1], n_col, plan[FOLD], stats[0], stats[1])
+    else:
+        merge_moments(s1, s2, shift, counts, stats[0], stats[1])
 
 
 moments_op = _register(_moments)
@@ -147,6 +155,9 @@ def _forward_eval(plan, x, y, gamma, beta, eps, stats, stream_bytes, relu):
     normalizers(var, gamma, eps, invstd, scale)
     for c in range(_U(C)):  # float64 like the backward's q: one compilation of affine_op, not two
         offset[c] = beta[c]
+    if plan[FOLD] > 1:  # the coefficients of a folded plan's columns
+        mean, scale = repeated(mean, plan[FOLD]), repeated(scale, plan[FOLD])
+        offset = repeated(offset, plan[FOLD])
     stub = new_work(y, np.int64(0))  # fwork: not read by a forward pass
     no_dy = np.bool_(False)
     clamped, work = affine_op(
@@ -211,8 +222,15 @@ def _grad_sums(plan, dy, x, mean, sums, fwork, relu):
     ``relu``: of ``dy`` masked by the forward pre-activation (``fwork``, see ``gradsums``)."""
     shape = (plan[NBLOCKS], plan[CHANNELS])
     s1, s2 = np.empty(shape), np.empty(shape)
-    gradsums_pass(plan, dy, x, mean, s1, s2, fwork, relu)
-    merge_sums(s1, s2, sums[0], sums[1])
+    fold = plan[FOLD]
+    if fold > 1:  # a folded plan's columns: the mean repeated, their sums merged per channel
+        gradsums_pass(plan, dy, x, repeated(mean, fold), s1, s2, fwork, relu)
+        columns = np.empty((2, plan[CHANNELS]))
+        merge_sums(s1, s2, columns[0], columns[1])
+        fold_sums(columns[0], columns[1], fold, sums[0], sums[1])
+    else:
+        gradsums_pass(plan, dy, x, mean, s1, s2, fwork, relu)
+        merge_sums(s1, s2, sums[0], sums[1])
 
 
 grad_sums_op = _register(_grad_sums)
@@ -251,9 +269,10 @@ def _backward(
     or 1): ``dy`` is masked where the forward pre-activation, from the forward's
     coefficients ``fwork``, is not positive (see ``affine``). Returns False when ``dx``
     must be redone in float64 (see ``coefficients``)."""
-    C = plan[CHANNELS]
+    C = plan[CHANNELS]  # the columns of a folded plan
+    fold = plan[FOLD]
     mean, invstd, sums = stats[0], stats[3], grads[2:4]
-    coef = np.empty((3, C))  # g, p, q of dx = dy * g + (x - mean) * p + q
+    coef = np.empty((3, C // fold))  # g, p, q of dx = dy * g + (x - mean) * p + q
     if FUSED:  # sums and dx, channel by channel (have_sums is False)
         stream = dx.size * dx.itemsize >= stream_bytes
         work = new_work(dx, C)
@@ -272,11 +291,14 @@ def _backward(
         passes_relu = np.int64(0)
     if not have_sums:
         grad_sums_op(plan, passes_dy, x, mean, sums, fwork, passes_relu)
-    for c in range(_U(C)):
+    for c in range(_U(C // fold)):
         fused.grad_params(c, sums[0, c], sums[1, c], invstd, gamma, n, training, grads, coef)
-    g, p, q = coef[0], coef[1], coef[2]
+    g, p, q, dsum = coef[0], coef[1], coef[2], sums[0]
+    if fold > 1:  # the coefficients of a folded plan's columns
+        g, p, q = repeated(g, fold), repeated(p, fold), repeated(q, fold)
+        mean, dsum = repeated(mean, fold), repeated(dsum, fold)
     if training:
-        dsum, centred = sums[0], np.bool_(True)
+        centred = np.bool_(True)
         clamped, _ = affine_op(
             plan, x, passes_dy, dx, mean, p, q, g, dsum, n, centred, stream_bytes, fwork,
             passes_relu,
