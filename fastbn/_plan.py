@@ -53,14 +53,23 @@ FUSE_BYTES = 512 << 10
 # the order saves there ((512, 16, 4): 16.9 us fused, 20.3 us in memory order).
 SHORT_PLANE_BYTES = 64
 LONG_PLANE_BYTES = 1024
-# Planes shorter than TINY_PLANE_BYTES (2x2 or 3x3 float32, 2x2 float64) are not swept
-# plane by plane at all: the memory of (outer, C, inner) is that of rows of C * inner
-# columns, and the rows family runs on those columns, the statistics and gradient sums
-# of a channel's inner columns then merged (Chan's formula, in column order) and its
-# coefficients repeated over them (``Plan.fold``). Fused planes of 16 bytes spent their
-# time in per-plane loops of 4 elements: (256, 64, 2, 2) float32 forward 105 us, against
-# about 20 us for rows of the same bytes.
-TINY_PLANE_BYTES = 64
+# Planes of at most TINY_PLANE_BYTES (2x2 to 4x8 float32, 2x2 to 4x4 float64) are not
+# swept plane by plane at all: the memory of (outer, C, inner) is that of rows of
+# C * inner columns, and the rows family runs on those columns, the statistics and
+# gradient sums of a channel's inner columns then merged (Chan's formula, in column order)
+# and its coefficients repeated over them (``Plan.fold``). Fused planes of 16 bytes spent
+# their time in per-plane loops of 4 elements. Layer, float32, planes -> folded rows
+# (2026-12-04): (256, 64, 2, 2) forward 92 -> 21.5 us, forward+backward 202 -> 54;
+# (128, 32, 4, 4) 40 -> 22-24 / 93 -> 55-58; (256, 16, 32) 67-72 -> 45-56 / 134-153 ->
+# 104-125; 256-byte planes lost ((32, 16, 8, 8): 14.3 -> 16.8 / 32.5 -> 37.1).
+# A folded call also allocates and fills float64 arrays of C * inner columns, which cost
+# more than the data when there are few rows and many columns ((1, 1024, 32): 52 ->
+# 778 us): inputs of fewer than FOLD_MIN_ROWS rows fold only up to FOLD_MAX_COLUMNS
+# columns ((2, 2048, 2, 2): 281 -> 54 us; (16, 4096, 32): 2.09 -> 1.77 ms). A single
+# outer index (one sample) is not folded: its planes are the whole input.
+TINY_PLANE_BYTES = 128
+FOLD_MIN_ROWS = 16
+FOLD_MAX_COLUMNS = 8192
 
 
 def _last_level_cache_bytes(default=32 << 20):
@@ -137,7 +146,10 @@ class Plan:
         small = outer * C * inner < SERIAL_BELOW
         short = SHORT_PLANE_BYTES <= inner * itemsize < LONG_PLANE_BYTES
         # tiny planes: the kernels see rows of C * inner columns (see TINY_PLANE_BYTES)
-        self.fold = inner if 1 < inner and inner * itemsize < TINY_PLANE_BYTES else 1
+        tiny = 1 < inner and inner * itemsize <= TINY_PLANE_BYTES
+        few_columns = C * inner <= FOLD_MAX_COLUMNS
+        rows = outer >= FOLD_MIN_ROWS or (outer > 1 and few_columns)
+        self.fold = inner if tiny and rows else 1
         # the kernels' channels: per-column arrays (coefficients, ``work``) have this many
         self.columns = C * self.fold
         fused = inner > 1 and outer * inner * itemsize <= FUSE_BYTES and not (small and short)

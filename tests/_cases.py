@@ -118,11 +118,8 @@ ODD_LAYOUTS = {
     "one_channel_nchw": ((4, 1, 3, 3), 1, "channels_last", False),
     "many_channels_n2": ((2, 70001), 1, "fortran", True),
     "n_times_inner_2_rows": ((2, 6), 1, "reverse_all", True),
-    # (1, 6, 2) folds into rows of 12 columns; its Fortran copy is (2, 6) rows
-    "n_times_inner_2_planes": ((1, 6, 2), 1, "fortran", False),
-    # (6, 2) on axis 0 is (1, 6, 2), tiny planes folded into rows of 12 columns
-    # (_plan.TINY_PLANE_BYTES); its Fortran copy is (2, 6) rows: another order
-    "n_times_inner_2_axis0": ((6, 2), 0, "fortran", False),
+    "n_times_inner_2_planes": ((1, 6, 2), 1, "fortran", True),
+    "n_times_inner_2_axis0": ((6, 2), 0, "fortran", True),
 }
 
 # -- shapes that reach each kernel family and driver: (shape, channel axis[, relayout]) ----

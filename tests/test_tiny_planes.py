@@ -15,7 +15,7 @@ from fastbn._kernels import layout
 
 from _cases import TOL, f64, oracle, rel_err
 
-# (shape, dtype): serial and parallel-sized, 2x2 and 3x3 planes, a single outer index
+# (shape, dtype): serial and parallel-sized, 2x2 to 4x4 planes, two outer indices
 SHAPES = [
     ((6, 5, 2, 2), np.float32),
     ((256, 64, 2, 2), np.float32),
@@ -23,8 +23,10 @@ SHAPES = [
     ((5, 7, 2, 2), np.float64),
     ((4096, 8, 2, 2), np.float32),
     ((2048, 16, 3, 3), np.float32),
-    ((1, 6, 2), np.float64),
+    ((2, 6, 2), np.float64),
     ((3, 2, 7), np.float64),  # 56-byte planes
+    ((24, 8, 4, 4), np.float64),  # 128-byte planes
+    ((2, 600, 4, 8), np.float32),  # few rows, 19200 columns: not folded
 ]
 
 
@@ -48,9 +50,13 @@ def test_tiny_planes_fold_into_rows_of_columns():
     np.testing.assert_array_equal(plan.counts, [512.0])  # values per column
     assert _plan.Plan(4096, 8, 4, 4).parallel  # rows of 32 columns in several blocks
     assert _plan.Plan(8, 3, 7, 8).fold == 7  # 56 bytes of float64
-    for shape in [(8, 3, 8, 8), (32, 64, 16, 4), (100, 37, 1, 8), (8, 3, 1, 4)]:
+    assert _plan.Plan(32, 64, 32, 4).fold == 32  # 128 bytes
+    assert _plan.Plan(2, 2048, 4, 4).fold == 4  # few rows, at most FOLD_MAX_COLUMNS columns
+    # 256-byte planes, rows, few rows of many columns and a single outer index are not
+    unfolded = [(8, 3, 32, 8), (32, 16, 64, 4), (100, 37, 1, 8), (8, 3, 1, 4)]
+    for shape in unfolded + [(2, 1024, 32, 4), (1, 6, 2, 8)]:
         plan = _plan.Plan(*shape)
-        assert plan.fold == 1 and plan.columns == plan.C  # 64-byte planes, rows
+        assert plan.fold == 1 and plan.columns == plan.C
 
 
 @pytest.mark.parametrize("shape,dtype", SHAPES, ids=str)

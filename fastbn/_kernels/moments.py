@@ -188,21 +188,25 @@ def fold_moments(col_mean, col_m2, n_col, fold, mean, m2):
     """Channel ``c``'s ``mean`` and ``m2`` from those of its ``fold`` columns ``c * fold``
     to ``c * fold + fold - 1`` of a folded plan (tiny planes seen as rows, see
     ``fastbn._plan.TINY_PLANE_BYTES``), each of ``n_col`` values: Chan's merge in column
-    order (the formula of ``merge_channel``)."""
+    order (the formula of ``merge_channel``), the columns outermost so that the loop over
+    channels vectorizes (the weights are the same for every channel)."""
     f = _U(fold)
-    for c in range(_U(mean.shape[0])):
-        j = c * f
-        mu = col_mean[j]
-        s = col_m2[j]
-        n = n_col
-        for e in range(_U(1), f):
-            tot = n + n_col
-            delta = col_mean[j + e] - mu
-            mu += delta * (n_col / tot)
-            s += col_m2[j + e] + delta * delta * (n * n_col / tot)
-            n = tot
-        mean[c] = mu
-        m2[c] = s if s > 0.0 or s != s else 0.0
+    C = _U(mean.shape[0])
+    for c in range(C):
+        mean[c] = col_mean[c * f]
+        m2[c] = col_m2[c * f]
+    n = n_col
+    for e in range(_U(1), f):
+        tot = n + n_col
+        w_mean = n_col / tot
+        w_m2 = n * n_col / tot
+        for c in range(C):
+            delta = col_mean[c * f + e] - mean[c]
+            mean[c] += delta * w_mean
+            m2[c] += col_m2[c * f + e] + delta * delta * w_m2
+        n = tot
+    for c in range(C):
+        m2[c] = m2[c] if m2[c] > 0.0 or m2[c] != m2[c] else 0.0
 
 
 @exact
