@@ -49,8 +49,10 @@ FUSE_BYTES = 512 << 10
 # are written far slower than the same planes in memory order (serial elementwise pass,
 # float32 (32, 16, 64): 5.5 us channel by channel against 3.4 us in memory order), so such
 # inputs take the two-pass path, whose elementwise tasks run their planes in memory order.
-# Tinier planes (2x2: 16 bytes in float32) stay fused: a loop per plane costs more than
-# the order saves there ((512, 16, 4): 16.9 us fused, 20.3 us in memory order).
+# Tinier planes (2x2: 16 bytes in float32) stayed fused: a loop per plane cost more than
+# the order saved there ((512, 16, 4): 16.9 us fused, 20.3 us in memory order). Since
+# 2026-12-04 planes of up to TINY_PLANE_BYTES are folded into rows (below) unless the
+# input has too few rows; only those keep this rule.
 SHORT_PLANE_BYTES = 64
 LONG_PLANE_BYTES = 1024
 # Planes of at most TINY_PLANE_BYTES (2x2 to 4x8 float32, 2x2 to 4x4 float64) are not

@@ -4,8 +4,10 @@ Every data array here is a flat, C-contiguous 1-D array; ``plan`` (int64, made b
 ``fastbn._plan.Plan``, rows named in ``layout``) gives its canonical 3-D shape and how the
 work is cut into tasks. Two families of loops cover every layout: rows (``inner == 1``,
 vectorized along a row of C channels) and planes (``inner > 1``, along one contiguous
-``(o, c)`` plane). A task's cut depends on the shape only and partial results merge in
-block order, so the bits are the same on 1 thread or many.
+``(o, c)`` plane); tiny planes run as rows of ``C * inner`` columns (``layout.FOLD``,
+see ``fastbn._plan.TINY_PLANE_BYTES``), their columns merged per channel afterwards. A
+task's cut depends on the shape only and partial results merge in block order, so the
+bits are the same on 1 thread or many.
 
 Modules, each one pass family (imports point down this list):
 
