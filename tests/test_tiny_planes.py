@@ -1,5 +1,5 @@
-"""Tiny planes (``_plan.TINY_PLANE_BYTES``: 2x2 and 3x3 float32, 2x2 float64 and the
-like) are seen by the kernels as rows of ``C * inner`` columns: statistics and gradient
+"""Tiny planes (``_plan.TINY_PLANE_BYTES``: at most 128 bytes, 2x2 to 4x8 float32, 2x2 to
+4x4 float64) are seen by the kernels as rows of ``C * inner`` columns: statistics and gradient
 sums per column, merged per channel in column order, and the per-channel coefficients
 repeated over each channel's columns. Oracles: the float64 reference, the merged moments
 against NumPy's two-pass mean and variance, and the same bits on 1 and 2 threads and
@@ -15,7 +15,7 @@ from fastbn._kernels import layout
 
 from _cases import TOL, f64, oracle, rel_err
 
-# (shape, dtype): serial and parallel-sized, 2x2 to 4x4 planes, two outer indices
+# (shape, dtype): serial and parallel-sized, 2x2 to 4x8 planes, few rows, one unfolded
 SHAPES = [
     ((6, 5, 2, 2), np.float32),
     ((256, 64, 2, 2), np.float32),
