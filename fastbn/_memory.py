@@ -52,7 +52,7 @@ def _limit_from_environment():
 
 
 _lock = threading.RLock()  # reentrant: a lease may be collected while the lock is held
-_free = {}  # nbytes -> list of uint8 buffers
+_free = {}  # nbytes -> list of (uint8 buffer, its address)
 # live: bytes of leased outputs alive now; requests: large requests so far; fresh: those
 # that got new memory (not recycled)
 _state = {"limit": _limit_from_environment(), "held": 0, "live": 0, "requests": 0, "fresh": 0}
@@ -61,25 +61,27 @@ _live_at = collections.deque(maxlen=_WINDOW)  # live bytes after each of the las
 
 
 class Lease:
-    """The base of a recycled output: exposes ``buffer`` as an array of ``shape``,
-    ``dtype`` and ``strides``, and gives the buffer back when the last view dies."""
+    """The base of a recycled output: exposes ``buffer`` (at ``address``) as a
+    C-contiguous array of ``shape`` and ``dtype``, and gives the buffer back when the
+    last view dies."""
 
-    __slots__ = ("buffer", "__array_interface__")
+    __slots__ = ("buffer", "address", "__array_interface__")
 
-    def __init__(self, buffer, shape, dtype, strides):
+    def __init__(self, buffer, address, shape, dtype):
         self.buffer = buffer
+        self.address = address
+        # strides None: C-contiguous; no "descr" (a plain float dtype's typestr says all)
         self.__array_interface__ = {
             "version": 3,
             "shape": shape,
             "typestr": dtype.str,
-            "descr": dtype.descr,
-            "strides": strides,
-            "data": (buffer.ctypes.data, False),
+            "strides": None,
+            "data": (address, False),
         }
 
     def __del__(self):
         try:
-            _give_back(self.buffer)
+            _give_back(self.buffer, self.address)
         except Exception:  # interpreter shutdown: module globals may be gone
             pass
 
@@ -117,21 +119,29 @@ def _make_room(nbytes, budget):
     return _state["held"] + nbytes <= budget
 
 
-def _give_back(buffer):
+def _give_back(buffer, address):
     nbytes = buffer.nbytes
     with _lock:
         _state["live"] -= nbytes
-        _release_stale()
+        if _free:
+            _release_stale()
         if not _in_window(nbytes):
             return
-        budget = min(_state["limit"], max(_live_at, default=0))
-        if _make_room(nbytes, budget):
-            _free.setdefault(nbytes, []).append(buffer)
+        # the budget is the most bytes live at once among the last requests; what was live
+        # at the last one is a lower bound that settles the common case without the max
+        held = _state["held"] + nbytes
+        fits = held <= _state["limit"] and (
+            (_live_at and held <= _live_at[-1])
+            or _make_room(nbytes, min(_state["limit"], max(_live_at, default=0)))
+        )
+        if fits:
+            _free.setdefault(nbytes, []).append((buffer, address))
             _state["held"] += nbytes
 
 
 def _take(nbytes):
-    """A pooled buffer of ``nbytes`` or None; counts the request (and its live bytes)."""
+    """A pooled ``(buffer, address)`` of ``nbytes`` or None; counts the request (and its
+    live bytes)."""
     with _lock:
         _state["requests"] += 1
         _last_asked[nbytes] = _state["requests"]
@@ -140,12 +150,13 @@ def _take(nbytes):
         buffers = _free.get(nbytes)
         if buffers:
             _state["held"] -= nbytes
-            buffer = buffers.pop()
+            entry = buffers.pop()
             if not buffers:
                 del _free[nbytes]
-            return buffer
+            return entry
         _state["fresh"] += 1
-        _release_stale()
+        if _free:
+            _release_stale()
         if len(_last_asked) > 4 * _WINDOW:  # forget sizes long out of the window
             for size in [s for s in _last_asked if not _in_window(s)]:
                 del _last_asked[size]
@@ -159,15 +170,11 @@ def empty(shape, dtype):
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < _MIN_BYTES or _state["limit"] <= 0:
         return np.empty(shape, dtype)
-    buffer = _take(nbytes)
-    if buffer is None:
+    entry = _take(nbytes)
+    if entry is None:
         buffer = np.empty(nbytes, np.uint8)
-    strides = []
-    step = dtype.itemsize
-    for n in reversed(shape):
-        strides.append(step)
-        step *= n
-    return np.asarray(Lease(buffer, tuple(shape), dtype, tuple(reversed(strides))))
+        entry = buffer, buffer.ctypes.data
+    return np.asarray(Lease(*entry, tuple(shape), dtype))
 
 
 def pool_limit():
