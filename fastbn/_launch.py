@@ -200,8 +200,8 @@ def grad_sums(plan, dy, x, mean):
 def backward(plan, dy, x, dx, stats, gamma, training, n=None, sums=None, fwork=None):
     """Write flat ``dx``, with the forward's float64 ``(4, C)`` statistics ``stats`` (mean
     and invstd in rows 0 and 3); return float64 ``(dgamma, dbeta)`` (before any dtype
-    cast) and the gradient sums used: ``sums`` when given (with ``n`` values per channel,
-    e.g. summed over processes), else those of ``dy``. ``fwork``: the forward's
+    cast), computed with ``sums`` when given (with ``n`` values per channel, e.g. summed
+    over processes), else with the gradient sums of ``dy``. ``fwork``: the forward's
     coefficients of a ReLU-fused forward (``fastbn._activation``); ``dy`` is then masked
     where the forward's pre-activation was not positive."""
     have_sums = sums is not None
@@ -212,16 +212,28 @@ def backward(plan, dy, x, dx, stats, gamma, training, n=None, sums=None, fwork=N
     gamma = _param(gamma, plan.ones)
     training = bool(training)
     grads = _backward(plan, dy, x, dx, stats, gamma, n, training, grads, have_sums, fwork)
-    return grads[0], grads[1], grads[2:]
+    return grads[0], grads[1]
 
 
 def backward_quick(plan, dy, x, dx, stats, gamma, training, fwork):
     """``backward`` without given sums, for a cache's ``stats`` and ``gamma`` (None or the
     snapshot, already as kernels read it) and ``training`` a bool: returns the float64
-    ``(4, C)`` array whose rows 0 and 1 are ``(dgamma, dbeta)``."""
+    ``(4, C)`` array whose rows 0 and 1 are ``(dgamma, dbeta)``. (``_backward`` written
+    out for the common call: one level and one argument tuple less.)"""
+    grads = np.empty((4, plan.C))
+    if fwork is None:
+        args = (plan.ints, dy, x, dx, stats, plan.ones if gamma is None else gamma, plan.count)
+        args += (training, grads, False, _plan.STREAM_BYTES, _NO_FWORK[x.dtype.char], 0)
+        if plan.parallel:
+            fits = _call(plan, "backward", plan.fused, False, args)
+        else:
+            fits = _SERIAL[False]["backward", plan.fused](*args)
+        if fits:
+            return grads
     if gamma is None:
         gamma = plan.ones
-    grads = np.empty((4, plan.C))
+    if fwork is None:
+        return _redo_backward(plan, dy, x, dx, stats, gamma, plan.count, training, grads)
     return _backward(plan, dy, x, dx, stats, gamma, plan.count, training, grads, False, fwork)
 
 
@@ -242,6 +254,12 @@ def _backward(plan, dy, x, dx, stats, gamma, n, training, grads, have_sums, fwor
     if relu:  # redo as the composition, whose float64 path follows
         dy = _activation.masked_dy(plan, dy, x, fwork)
         return _backward(plan, dy, x, dx, stats, gamma, n, training, grads, have_sums, None)
+    return _redo_backward(plan, dy, x, dx, stats, gamma, n, training, grads)
+
+
+def _redo_backward(plan, dy, x, dx, stats, gamma, n, training, grads):
+    """``dx`` in float64 after a backward kernel (without ReLU) reported coefficients
+    beyond float32's range; ``grads`` as the kernel wrote them. Returns ``grads``."""
     mean, invstd = stats[0], stats[3]
     g = gamma * invstd
     if training:  # the coefficients of fused.grad_params

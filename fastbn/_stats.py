@@ -57,5 +57,5 @@ def backward_with_sums(plan, dy, cache, dx, sums):
         sums = np.zeros((2, plan.C)) if sums is None else sums
         return sums[1] * cache.invstd, sums[0].copy()
     args = (plan, dy, cache.x_flat, dx, cache.stats, cache.gamma, True)
-    dgamma, dbeta, _ = _launch.backward(*args, n=n, sums=sums)
+    dgamma, dbeta = _launch.backward(*args, n=n, sums=sums)
     return dgamma, dbeta

@@ -293,7 +293,7 @@ def batch_norm_backward(dy, cache, *, out=None, sums=None):
     if cache.training and (sums is not None or cache.count is not None):
         dgamma_raw, sum_dy = _stats.backward_with_sums(view.plan, dy_flat, cache, dx_flat, sums)
     elif dy.size:
-        dgamma_raw, sum_dy, _ = _launch.backward(
+        dgamma_raw, sum_dy = _launch.backward(
             view.plan,
             dy_flat,
             cache.x_flat,
@@ -421,8 +421,9 @@ def _backward_quick(dy, cache, out):
         fwork,
     )  # fmt: skip
     gamma_dtype, beta_dtype = cache.gamma_dtype, cache.beta_dtype
-    if gamma_dtype is beta_dtype and gamma_dtype is not None and gamma_dtype is not _FLOAT64:
-        grads = grads.astype(gamma_dtype)  # both rows in one conversion (a float32 model)
+    if gamma_dtype is beta_dtype and gamma_dtype is not None:
+        if gamma_dtype is not _FLOAT64:
+            grads = grads.astype(gamma_dtype)  # both rows in one conversion (a float32 model)
         return dx, grads[0], grads[1]
     return dx, _as_param(grads[0], gamma_dtype), _as_param(grads[1], beta_dtype)
 
