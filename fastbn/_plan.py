@@ -64,14 +64,21 @@ LONG_PLANE_BYTES = 1024
 # (2026-12-04): (256, 64, 2, 2) forward 92 -> 21.5 us, forward+backward 202 -> 54;
 # (128, 32, 4, 4) 40 -> 22-24 / 93 -> 55-58; (256, 16, 32) 67-72 -> 45-56 / 134-153 ->
 # 104-125; 256-byte planes lost ((32, 16, 8, 8): 14.3 -> 16.8 / 32.5 -> 37.1).
-# A folded call also allocates and fills float64 arrays of C * inner columns, which cost
-# more than the data when there are few rows and many columns ((1, 1024, 32): 52 ->
-# 778 us): inputs of fewer than FOLD_MIN_ROWS rows fold only up to FOLD_MAX_COLUMNS
-# columns ((2, 2048, 2, 2): 281 -> 54 us; (16, 4096, 32): 2.09 -> 1.77 ms). A single
-# outer index (one sample) is not folded: its planes are the whole input.
+# A folded call also makes float64 arrays of C * inner columns (the statistics' partial
+# sums, the mean repeated for the gradient sums) and the storage-dtype coefficients of
+# every column, which cost more than the data when there are few rows and very many
+# columns. Inputs of fewer than FOLD_MIN_ROWS rows fold only up to FOLD_MAX_COLUMNS[k]
+# columns for planes of up to FOLD_INNER[k] values. Measured 2026-12-04, functional
+# forward+backward, planes -> folded, float32: (2, 131072, 8) 34.6 -> 22.8 ms, (2,
+# 262144, 2, 2) 68.6 -> 25.8 ms, (2, 8192, 16) 2.20 -> 1.22 ms, (2, 65536, 16) 17.7 ->
+# 25.9 (lost: 1M columns), (2, 1024, 32) 320 -> 252 us, (2, 4096, 32) 1.26 -> 1.43 ms
+# (lost: 131072 columns), (4, 8192, 32) 3.08 -> 4.22; float64 (2, 8192, 4, 4) 2.34 ->
+# 1.69 ms. A single outer index (one sample) is not folded: its planes are the whole
+# input.
 TINY_PLANE_BYTES = 128
 FOLD_MIN_ROWS = 16
-FOLD_MAX_COLUMNS = 8192
+FOLD_INNER = (8, 16, 32)
+FOLD_MAX_COLUMNS = (1 << 62, 262144, 32768)
 
 
 def _last_level_cache_bytes(default=32 << 20):
@@ -149,8 +156,7 @@ class Plan:
         short = SHORT_PLANE_BYTES <= inner * itemsize < LONG_PLANE_BYTES
         # tiny planes: the kernels see rows of C * inner columns (see TINY_PLANE_BYTES)
         tiny = 1 < inner and inner * itemsize <= TINY_PLANE_BYTES
-        few_columns = C * inner <= FOLD_MAX_COLUMNS
-        rows = outer >= FOLD_MIN_ROWS or (outer > 1 and few_columns)
+        rows = outer >= FOLD_MIN_ROWS or (outer > 1 and _few_rows_fold(C, inner))
         self.fold = inner if tiny and rows else 1
         # the kernels' channels: per-column arrays (coefficients, ``work``) have this many
         self.columns = C * self.fold
@@ -204,6 +210,15 @@ class Plan:
         storage = np.float32 if itemsize == 4 else np.float64
         self.ones = np.ones(self.C, storage)  # gamma when there is none
         self.zeros = np.zeros(self.C, storage)  # beta when there is none
+
+
+def _few_rows_fold(C, inner):
+    """Whether an input of fewer than ``FOLD_MIN_ROWS`` rows and tiny planes of ``inner``
+    values is folded (see ``FOLD_MAX_COLUMNS``)."""
+    for most_inner, most_columns in zip(FOLD_INNER, FOLD_MAX_COLUMNS):
+        if inner <= most_inner:
+            return C * inner <= most_columns
+    return False
 
 
 _plans = {}

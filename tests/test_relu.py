@@ -475,7 +475,9 @@ def test_cached_coefficients_are_the_rebuilt_ones(layout, dtype, training, quick
     plan = cache.plan
     scale = cache.stats[3] * (plan.ones if cache.gamma is None else cache.gamma)
     mean, beta_used = cache.stats[0], plan.zeros if cache.beta is None else cache.beta
-    rebuilt, _ = coefficients.working(plan.ones, mean, scale, beta_used, scale, mean, 1.0, False)
+    rebuilt, _ = coefficients.working(
+        plan.ones, mean, scale, beta_used, scale, mean, 1.0, False, plan.fold
+    )
     # every row, per channel; the rows family's streamed lines also read the coefficient
     # rows past C (the periodic extension), the planes family never does
     assert kept[:, :C].tobytes() == rebuilt[:, :C].tobytes()
@@ -510,12 +512,39 @@ def test_working_reports_the_channels_it_flags(big):
         q[channel] = 4e38
     elif big == "dy_mean":
         dsum[channel] = 1e40
-    work, clamped = coefficients.working(np.ones(1, np.float32), m, p, q, g, dsum, 8.0, True)
+    work, clamped = coefficients.working(np.ones(1, np.float32), m, p, q, g, dsum, 8.0, True, 1)
     flagged = np.flatnonzero(work[W_CLAMPED, :C])
     assert clamped == coefficients.any_clamped(work, C) == (big is not None)
     assert list(flagged) == ([] if big is None else [channel])
-    work64, clamped64 = coefficients.working(np.ones(1), m, p, q, g, dsum, 8.0, True)
+    work64, clamped64 = coefficients.working(np.ones(1), m, p, q, g, dsum, 8.0, True, 1)
     assert not clamped64 and not work64[W_CLAMPED, :C].any()  # float64 storage holds them
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("fold", [2, 4, 9])
+def test_folded_working_repeats_each_channel_over_its_columns(fold, dtype):
+    """``working(..., fold)`` (a folded plan: tiny planes as rows) writes channel ``c``'s
+    coefficients and flag into columns ``c * fold`` to ``c * fold + fold - 1``, bit for bit
+    those of ``working`` over the per-column arrays ``np.repeat(a, fold)``, the spare
+    columns of the coefficient rows included (the periodic extension past the last
+    column; the flags have none)."""
+    from fastbn._kernels import coefficients
+    from fastbn._kernels.layout import W_CLAMPED
+
+    rng = np.random.default_rng(4)
+    C = 13
+    m, p, q, g = (rng.standard_normal(C) for _ in range(4))
+    dsum = rng.standard_normal(C)
+    if dtype == np.float32:
+        p[5] = 1e39  # a clamped channel: its flag is repeated too
+    out = np.ones(1, dtype)
+    work, clamped = coefficients.working(out, m, p, q, g, dsum, 8.0, True, fold)
+    columns = [np.repeat(a, fold) for a in (m, p, q, g, dsum)]
+    want, want_clamped = coefficients.working(out, *columns, 8.0, True, 1)
+    assert work.shape == want.shape and work.shape[1] > C * fold
+    assert work[:W_CLAMPED].tobytes() == want[:W_CLAMPED].tobytes()
+    assert work[W_CLAMPED, : C * fold].tobytes() == want[W_CLAMPED, : C * fold].tobytes()
+    assert clamped == want_clamped == (dtype == np.float32)
 
 
 @pytest.mark.parametrize(

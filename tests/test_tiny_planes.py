@@ -26,7 +26,9 @@ SHAPES = [
     ((2, 6, 2), np.float64),
     ((3, 2, 7), np.float64),  # 56-byte planes
     ((24, 8, 4, 4), np.float64),  # 128-byte planes
-    ((2, 600, 4, 8), np.float32),  # few rows, 19200 columns: not folded
+    ((2, 600, 4, 8), np.float32),  # few rows, 19200 columns of 32 values: folded
+    ((3, 9000, 8), np.float32),  # few rows, 72000 columns of 8 values: folded
+    ((2, 2100, 32), np.float32),  # few rows, 67200 columns of 32 values: not folded
 ]
 
 
@@ -51,10 +53,16 @@ def test_tiny_planes_fold_into_rows_of_columns():
     assert _plan.Plan(4096, 8, 4, 4).parallel  # rows of 32 columns in several blocks
     assert _plan.Plan(8, 3, 7, 8).fold == 7  # 56 bytes of float64
     assert _plan.Plan(32, 64, 32, 4).fold == 32  # 128 bytes
-    assert _plan.Plan(2, 2048, 4, 4).fold == 4  # few rows, at most FOLD_MAX_COLUMNS columns
+    # few rows: up to a number of columns that shrinks as the planes grow (FOLD_MAX_COLUMNS)
+    assert _plan.Plan(2, 2048, 4, 4).fold == 4
+    assert _plan.Plan(2, 131072, 8, 4).fold == 8  # planes of 8 values: any number
+    assert _plan.Plan(2, 8192, 16, 4).fold == 16 and _plan.Plan(3, 8192, 16, 8).fold == 16
+    assert _plan.Plan(2, 1024, 32, 4).fold == 32 and _plan.Plan(2, 600, 32, 4).fold == 32
+    assert _plan.Plan(3, 9000, 8, 4).fold == 8  # as SHAPES has them
+    assert _plan.Plan(15, 65536, 16, 4).fold == 1 and _plan.Plan(16, 65536, 16, 4).fold == 16
     # 256-byte planes, rows, few rows of many columns and a single outer index are not
     unfolded = [(8, 3, 32, 8), (32, 16, 64, 4), (100, 37, 1, 8), (8, 3, 1, 4)]
-    for shape in unfolded + [(2, 1024, 32, 4), (1, 6, 2, 8)]:
+    for shape in unfolded + [(2, 2048, 32, 4), (2, 2100, 32, 4), (2, 32768, 16, 4), (1, 6, 2, 8)]:
         plan = _plan.Plan(*shape)
         assert plan.fold == 1 and plan.columns == plan.C
 

@@ -100,8 +100,8 @@ def new_work(out, C):
 @exact
 def repeated(a, fold):
     """A new float64 array with each value of ``a`` ``fold`` times in a row: per-channel
-    coefficients as the columns of a folded plan read them (see
-    ``fastbn._plan.TINY_PLANE_BYTES``)."""
+    values as the columns of a folded plan read them (see
+    ``fastbn._plan.TINY_PLANE_BYTES``): the mean for the gradient sums."""
     f = _U(fold)
     out = np.empty(a.shape[0] * fold)
     for c in range(_U(a.shape[0])):
@@ -119,11 +119,14 @@ def any_clamped(work, C):
 
 
 @exact
-def working(out, m, p, q, g, dsum, n, center):
+def working(out, m, p, q, g, dsum, n, center, fold):
     """``working_channel`` for every channel, in ``out``'s dtype, with ``d = dsum * (1 / n)``
     when ``center`` (``dx``: ``dsum`` is ``sum(dy)``), else 0 -> ``(work, clamped)``:
     ``clamped`` True when some channel is flagged (``any_clamped``, without another sweep
-    of the flags: ~0.5 ns per channel). The columns past ``C``
+    of the flags: ~0.5 ns per channel). ``fold`` > 1 (a folded plan, tiny planes seen as
+    rows: see ``fastbn._plan.TINY_PLANE_BYTES``): ``work`` has ``fold`` columns per channel,
+    channel ``c``'s in columns ``c * fold`` to ``c * fold + fold - 1``, from the same
+    per-channel arrays (no array of columns is made for them). The columns past the last
     repeat the first ones (a streamed line of a row may run past the row's last channel
     into the next row's first; a row group reads them as its later rows' channels).
 
@@ -131,7 +134,9 @@ def working(out, m, p, q, g, dsum, n, center):
     (per channel calls cost ~40 ns each); only when some coefficient does not fit the
     dtype are the channels redone with ``working_channel``, which clamps and flags."""
     C = m.shape[0]
-    work = new_work(out, C)
+    f = _U(fold)
+    columns = _U(C) * f
+    work = new_work(out, columns)
     m_w, p_w, q_w = work[W_MEAN], work[W_SCALE], work[W_OFFSET]
     g_w, d_w, flag = work[W_DY_SCALE], work[W_DY_MEAN], work[W_CLAMPED]
     inv_n = 1.0 / n
@@ -156,11 +161,19 @@ def working(out, m, p, q, g, dsum, n, center):
     if unfit:
         for c in range(_U(C)):
             _clamp_channel(m, p, q, g, dsum[c], n, center, c, work)
+    if f > 1:  # channel c's column to its fold columns, last channel first (no overlap)
+        for i in range(W_CLAMPED + 1):
+            row = work[i]
+            for k in range(_U(C)):
+                c = _U(C) - _U(1) - k
+                value = row[c]
+                for e in range(f):
+                    row[c * f + e] = value
     if C:  # doubling copies of the periodic prefix
         width = _U(work.shape[1])
         for i in range(W_CLAMPED):
             row = work[i]
-            filled = _U(C)
+            filled = columns
             while filled < width:
                 k = min(filled, width - filled)
                 for c in range(k):

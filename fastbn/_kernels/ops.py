@@ -63,12 +63,13 @@ def _register(body):
 
 
 def _affine(plan, x, dy, out, m, p, q, g, dsum, n, with_dy, stream_bytes, fwork, relu):
-    """The elementwise pass with float64 coefficients ``m, p, q, g`` (``dy`` centred on
-    ``dsum / n`` when ``with_dy``; ``relu``, ``fwork``: see ``affine``). Returns ``(clamped,
-    work)``: True when they do not fit the storage dtype (``out`` must then be redone in
-    float64), and the coefficients as the pass read them (``coefficients.working``)."""
+    """The elementwise pass with float64 per-channel coefficients ``m, p, q, g`` (``dy``
+    centred on ``dsum / n`` when ``with_dy``; ``relu``, ``fwork``: see ``affine``); a
+    folded plan's columns read their channel's. Returns ``(clamped, work)``: True when they
+    do not fit the storage dtype (``out`` must then be redone in float64), and the
+    coefficients as the pass read them (``coefficients.working``)."""
     stream = out.size * out.itemsize >= stream_bytes
-    work, clamped = working(out, m, p, q, g, dsum, n, with_dy)
+    work, clamped = working(out, m, p, q, g, dsum, n, with_dy, plan[FOLD])
     w = (work[W_MEAN], work[W_SCALE], work[W_OFFSET], work[W_DY_SCALE], work[W_DY_MEAN])
     affine_pass(plan, x, dy, out, w[0], w[1], w[2], w[3], w[4], with_dy, stream, fwork, relu)
     return clamped, work
@@ -155,9 +156,6 @@ def _forward_eval(plan, x, y, gamma, beta, eps, stats, stream_bytes, relu):
     normalizers(var, gamma, eps, invstd, scale)
     for c in range(_U(C)):  # float64 like the backward's q: one compilation of affine_op, not two
         offset[c] = beta[c]
-    if plan[FOLD] > 1:  # the coefficients of a folded plan's columns
-        mean, scale = repeated(mean, plan[FOLD]), repeated(scale, plan[FOLD])
-        offset = repeated(offset, plan[FOLD])
     stub = new_work(y, np.int64(0))  # fwork: not read by a forward pass
     no_dy = np.bool_(False)
     clamped, work = affine_op(
@@ -294,9 +292,6 @@ def _backward(
     for c in range(_U(C // fold)):
         fused.grad_params(c, sums[0, c], sums[1, c], invstd, gamma, n, training, grads, coef)
     g, p, q, dsum = coef[0], coef[1], coef[2], sums[0]
-    if fold > 1:  # the coefficients of a folded plan's columns
-        g, p, q = repeated(g, fold), repeated(p, fold), repeated(q, fold)
-        mean, dsum = repeated(mean, fold), repeated(dsum, fold)
     if training:
         centred = np.bool_(True)
         clamped, _ = affine_op(
