@@ -81,6 +81,14 @@ affine_op = _register(_affine)
 def _moments(plan, counts, x, stats):
     """Per-channel mean and m2 of ``x`` into ``stats[0:2]`` (the statistics pass and
     its merge, without the variance; a folded plan's columns then merged per channel)."""
+    if plan[NBLOCKS] == 1 and plan[FOLD] == 1 and stats.shape[0] > 2:
+        # one block: its shifted sums go straight into rows of stats, s1 into the variance's
+        # row (written later), and are merged in place (merge_moments reads a channel's
+        # sums before it writes its mean and m2): no arrays of C for a few rows of many
+        # channels, whose fresh pages cost more than the data
+        moments_pass(plan, x, stats[2:3], stats[1:2], stats[0:1])
+        merge_moments(stats[2:3], stats[1:2], stats[0:1], counts, stats[0], stats[1])
+        return
     shape = (plan[NBLOCKS], plan[CHANNELS])
     s1, s2, shift = np.empty(shape), np.empty(shape), np.empty(shape)
     moments_pass(plan, x, s1, s2, shift)
@@ -218,9 +226,12 @@ _register(_forward_train)
 def _grad_sums(plan, dy, x, mean, sums, fwork, relu):
     """``sums[0] = sum(dy)``, ``sums[1] = sum(dy * (x - mean))`` per channel (float64);
     ``relu``: of ``dy`` masked by the forward pre-activation (``fwork``, see ``gradsums``)."""
+    fold = plan[FOLD]
+    if fold == 1 and plan[NBLOCKS] == 1:  # one block: its sums are the channels' (no arrays)
+        gradsums_pass(plan, dy, x, mean, sums[0:1], sums[1:2], fwork, relu)
+        return
     shape = (plan[NBLOCKS], plan[CHANNELS])
     s1, s2 = np.empty(shape), np.empty(shape)
-    fold = plan[FOLD]
     if fold > 1:  # a folded plan's columns: the mean repeated, their sums merged per channel
         gradsums_pass(plan, dy, x, repeated(mean, fold), s1, s2, fwork, relu)
         columns = np.empty((2, plan[CHANNELS]))
