@@ -130,10 +130,8 @@ def _give_back(buffer, address):
         # the budget is the most bytes live at once among the last requests; what was live
         # at the last one is a lower bound that settles the common case without the max
         held = _state["held"] + nbytes
-        fits = held <= _state["limit"] and (
-            (_live_at and held <= _live_at[-1])
-            or _make_room(nbytes, min(_state["limit"], max(_live_at, default=0)))
-        )
+        quick = _live_at and held <= min(_state["limit"], _live_at[-1])
+        fits = quick or _make_room(nbytes, min(_state["limit"], max(_live_at, default=0)))
         if fits:
             _free.setdefault(nbytes, []).append((buffer, address))
             _state["held"] += nbytes

@@ -100,3 +100,21 @@ def test_limit_still_bounds_the_pool():
     _step(x, x)
     gc.collect()
     assert fastbn.pool_held() == 2 << 20
+
+
+def test_at_the_limit_a_newer_size_replaces_an_older_one():
+    """With the pool full at its limit, a dropped buffer of the size asked for most
+    recently takes the place of one of a size asked for less recently."""
+    fastbn.set_pool_limit(2 << 20)  # room for one 2 MiB buffer
+    f32 = np.dtype(np.float32)
+    old = _memory.empty((1024, 512), f32)  # 2 MiB
+    del old
+    gc.collect()
+    assert set(_memory._free) == {2 << 20}
+    new = _memory.empty((1024, 500), f32)  # a new size: fresh memory, the old one stays
+    assert set(_memory._free) == {2 << 20}
+    nbytes = new.nbytes
+    del new
+    gc.collect()
+    assert set(_memory._free) == {nbytes}
+    assert fastbn.pool_held() == nbytes
