@@ -184,7 +184,7 @@ def forward_eval(plan, x, y, gamma, beta, eps, mean, var, relu=False):
 
 def moments(plan, x):
     """Per-channel float64 ``(mean, m2)`` of flat ``x`` (the statistics pass alone)."""
-    stats = np.empty((2, plan.C))
+    stats = np.empty((4, plan.C))  # the layout the operation writes (rows 2-3 scratch)
     _call(plan, "moments", False, False, (plan.ints, plan.counts, x, stats))
     return stats[0], stats[1]
 
@@ -218,22 +218,10 @@ def backward(plan, dy, x, dx, stats, gamma, training, n=None, sums=None, fwork=N
 def backward_quick(plan, dy, x, dx, stats, gamma, training, fwork):
     """``backward`` without given sums, for a cache's ``stats`` and ``gamma`` (None or the
     snapshot, already as kernels read it) and ``training`` a bool: returns the float64
-    ``(4, C)`` array whose rows 0 and 1 are ``(dgamma, dbeta)``. (``_backward`` written
-    out for the common call: one level and one argument tuple less.)"""
-    grads = np.empty((4, plan.C))
-    if fwork is None:
-        args = (plan.ints, dy, x, dx, stats, plan.ones if gamma is None else gamma, plan.count)
-        args += (training, grads, False, _plan.STREAM_BYTES, _NO_FWORK[x.dtype.char], 0)
-        if plan.parallel:
-            fits = _call(plan, "backward", plan.fused, False, args)
-        else:
-            fits = _SERIAL[False]["backward", plan.fused](*args)
-        if fits:
-            return grads
+    ``(4, C)`` array whose rows 0 and 1 are ``(dgamma, dbeta)``."""
     if gamma is None:
         gamma = plan.ones
-    if fwork is None:
-        return _redo_backward(plan, dy, x, dx, stats, gamma, plan.count, training, grads)
+    grads = np.empty((4, plan.C))
     return _backward(plan, dy, x, dx, stats, gamma, plan.count, training, grads, False, fwork)
 
 

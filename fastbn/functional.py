@@ -423,7 +423,7 @@ def _backward_quick(dy, cache, out):
     gamma_dtype, beta_dtype = cache.gamma_dtype, cache.beta_dtype
     if gamma_dtype is beta_dtype and gamma_dtype is not None:
         if gamma_dtype is not _FLOAT64:
-            grads = grads.astype(gamma_dtype)  # both rows in one conversion (a float32 model)
+            grads = grads[:2].astype(gamma_dtype)  # both in one conversion (float32 model)
         return dx, grads[0], grads[1]
     return dx, _as_param(grads[0], gamma_dtype), _as_param(grads[1], beta_dtype)
 

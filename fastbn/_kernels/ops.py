@@ -79,9 +79,10 @@ affine_op = _register(_affine)
 
 
 def _moments(plan, counts, x, stats):
-    """Per-channel mean and m2 of ``x`` into ``stats[0:2]`` (the statistics pass and
-    its merge, without the variance; a folded plan's columns then merged per channel)."""
-    if plan[NBLOCKS] == 1 and plan[FOLD] == 1 and stats.shape[0] > 2:
+    """Per-channel mean and m2 of ``x`` into ``stats[0:2]`` of the ``(4, C)`` ``stats``
+    (the statistics pass and its merge, without the variance, whose row a one-block plan
+    uses as scratch; a folded plan's columns then merged per channel)."""
+    if plan[NBLOCKS] == 1 and plan[FOLD] == 1:
         # one block: its shifted sums go straight into rows of stats, s1 into the variance's
         # row (written later), and are merged in place (merge_moments reads a channel's
         # sums before it writes its mean and m2): no arrays of C for a few rows of many
