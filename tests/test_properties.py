@@ -11,7 +11,7 @@ or fail a correct result. ``FASTBN_HYPOTHESIS_SCALE=10`` runs ten times more exa
 import os
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import fastbn
@@ -103,7 +103,9 @@ def _check_close(got, want, bound, what, dtype=None):
     of the result's dtype (rounding below the normal range is absolute)."""
     atol = np.finfo(dtype or np.asarray(got).dtype).smallest_subnormal
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    err = np.abs(got - want)
+    with np.errstate(invalid="ignore"):  # inf - inf
+        err = np.abs(got - want)
+    err[got == want] = 0.0  # equal infs are no error
     bound = np.asarray(bound, np.float64) + float(atol) + 1e-300
     assert np.all(err <= bound), (what, float(np.max(err / bound)))
 
@@ -117,6 +119,14 @@ def _error_model(dtype, xs, invstd):
     rel = 16 * ROUNDOFF[dtype] + 4 * xs.shape[0] * u64
     shift = 16 * u64 * np.abs(xs).max(axis=0) * invstd
     return rel, shift
+
+
+def _in_range_of(ref, dtype):
+    """The long-double reference, or inf (with its sign) where rounding it to ``dtype``
+    overflows: the one rounding to the storage dtype that the bounds allow for."""
+    with np.errstate(over="ignore"):
+        rounded = np.asarray(ref).astype(dtype)
+    return np.where(np.isinf(rounded) & np.isfinite(ref), rounded, ref)
 
 
 def _reference_and_bounds(x, dy, gamma, beta, rm, rv, kw):
@@ -152,8 +162,9 @@ def _reference_and_bounds(x, dy, gamma, beta, rm, rv, kw):
         xc2 = f64(cache_ref["xc"]) ** 2
         mean_terms = (1 - m) * np.abs(f64(rm)) + m * np.abs(_ch(x, axis)).max(axis=0)
         var_terms = (1 - m) * np.abs(f64(rv)) + m * 4 * xc2.max(axis=0) * n / (n - 1)
-        out["running_mean"] = (rm_ref, rel * mean_terms)
-        out["running_var"] = (rv_ref, rel * var_terms)
+        # a value beyond the dtype's range is inf there (float16 running_var of a wide batch)
+        out["running_mean"] = (_in_range_of(rm_ref, dtype), rel * mean_terms)
+        out["running_var"] = (_in_range_of(rv_ref, dtype), rel * var_terms)
     return out
 
 
@@ -168,6 +179,11 @@ def _compare(results, expected, axis, dtype, factor=1.0):
 
 @_settings(N_REFERENCE)
 @given(cases())
+@example(  # found by CI: a float16 running_var beyond float16's range is inf, as rounded
+    case=dict(dtype=np.float16, shape=(1, 2), axis=0, scale=100.0, ratio=0.0, layout="contiguous",
+              perm_seed=0, affine=False, constant_channel=False, training=True, momentum=1.0,
+              seed=3)
+)  # fmt: skip
 def test_matches_higher_precision_reference(case):
     x, dy, gamma, beta, rm, rv = _make(case)
     dtype, axis, training = case["dtype"], case["axis"], case["training"]
